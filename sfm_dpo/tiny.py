@@ -201,3 +201,11 @@ def build_demo_assets(root: Path, arch: str = "gpt_neox", n_rows: int = 256, see
         rng = random.Random(seed + 1)
         write_jsonl([dolci_instruct_row(i, rng) for i in range(n_rows)], paths["instruct"])
     return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo_assets")
+    for name, path in build_demo_assets(target).items():
+        print(f"{name}: {path}")

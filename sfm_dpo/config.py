@@ -1,0 +1,136 @@
+"""Our own arguments, beside TRL's `DPOConfig` and `ModelConfig`, and the settings derived from them.
+
+One parser (`TrlParser((ScriptArguments, DPOConfig, ModelConfig))`): a recipe YAML sets the defaults, the command line
+overrides any field. Checks that can fail run here, at start-up, before any model or data is loaded.
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import trl
+
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+@dataclass
+class ScriptArguments(trl.ScriptArguments):
+    """TRL's dataset arguments (`dataset_name`, `dataset_config`, `dataset_train_split`, ...) plus ours."""
+
+    effective_batch_size: int = field(
+        default=128,
+        metadata={
+            "help": "Preference pairs per optimizer step, whatever the world size (OLMo 3: 128). gradient_accumulation_"
+            "steps is derived from it, per_device_train_batch_size and the number of processes."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts longer than this many tokens keep their END (as TRL 0.x did); the run counts them. TRL 1.x "
+            "dropped this option, so our data step applies it."
+        },
+    )
+    overlong_policy: str = field(
+        default="truncate",
+        metadata={
+            "help": "Pairs whose prompt + longer completion exceeds max_length: 'truncate' the completions (OLMo 3's "
+            "behaviour) or 'drop' the pair. Counted either way.",
+            "choices": list(OVERLONG_POLICIES),
+        },
+    )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Skip malformed rows (counted by reason) instead of stopping with an error naming them."},
+    )
+    keep_degenerate_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep pairs whose chosen equals rejected. They carry no gradient (the real Dolci-Instruct data has "
+            "some), so by default they are dropped and counted."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "'sfm' (SFM GPT-NeoX format), 'chatml' (OLMo 3) or a Jinja string. Default: the tokenizer's own; "
+            "a tokenizer without one is an error."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N rows of the training split (smoke tests, demos)."}
+    )
+    max_consecutive_nonfinite: int = field(
+        default=10,
+        metadata={"help": "Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."},
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is None:
+            raise ValueError("--dataset_name is required: a Hub dataset id, a .jsonl/.json/.parquet file or folder.")
+        if self.effective_batch_size < 1:
+            raise ValueError(f"--effective_batch_size must be positive, got {self.effective_batch_size}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"--max_prompt_length must be positive, got {self.max_prompt_length}.")
+        if self.overlong_policy not in OVERLONG_POLICIES:
+            raise ValueError(f"--overlong_policy must be one of {OVERLONG_POLICIES}, got {self.overlong_policy!r}.")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
+
+
+def gradient_accumulation_for(effective_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
+    """Accumulation steps so that one optimizer step sees exactly `effective_batch_size` pairs on `world_size`
+    processes. Raises when that number is not reachable, rather than silently training with another batch."""
+    pairs_per_micro_step = per_device_batch_size * world_size
+    if effective_batch_size % pairs_per_micro_step:
+        reachable = sorted({per_device_batch_size * world_size * k for k in (1, 2, 4, 8, 16, 32)})
+        raise ValueError(
+            f"An effective batch of {effective_batch_size} pairs is not reachable with per_device_train_batch_size="
+            f"{per_device_batch_size} on {world_size} processes ({pairs_per_micro_step} pairs per micro-step). Change "
+            f"--per_device_train_batch_size or the number of GPUs, or set --effective_batch_size to one of {reachable}."
+        )
+    return effective_batch_size // pairs_per_micro_step
+
+
+def check_recipe(script_args: ScriptArguments, training_args, model_args) -> None:
+    """Cross-field checks that no single dataclass can make; run before any expensive work."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required.")
+    if training_args.max_length is None:
+        raise ValueError("--max_length is required: unbounded pairs would not fit a GPU (Think pairs reach 16k+).")
+    if script_args.max_prompt_length is not None and script_args.max_prompt_length >= training_args.max_length:
+        raise ValueError(
+            f"--max_prompt_length ({script_args.max_prompt_length}) must be smaller than --max_length "
+            f"({training_args.max_length}), or no completion token would remain."
+        )
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. ORG/NAME-DPO).")
+
+
+def model_short_name(model_name_or_path: str) -> str:
+    """`ORG/NAME` or `/path/to/NAME` -> `NAME`."""
+    return PurePosixPath(model_name_or_path.rstrip("/")).name
+
+
+def cli_flags(argv: list[str]) -> set[str]:
+    """Field names given on the command line (`--name value` or `--name=value`)."""
+    return {m.group(1) for arg in argv if (m := re.match(r"--([A-Za-z0-9_]+)", arg))}
+
+
+def derive_run_names(model_args, training_args, recipe_model: str | None, argv: list[str], log) -> None:
+    """Per-model output folder and Hub id for sweeps: `--model_name_or_path ORG/NAME` on the command line, other
+    than the recipe's model, puts the run in `<recipe output_dir>/NAME` and pushes to `ORG/NAME-DPO`, unless
+    `--output_dir` / `--hub_model_id` are given too. With no override the recipe's values stand."""
+    flags = cli_flags(argv)
+    model = model_args.model_name_or_path
+    if "model_name_or_path" not in flags or model == recipe_model:
+        return
+    name = model_short_name(model)
+    if "output_dir" not in flags:
+        training_args.output_dir = str(PurePosixPath(training_args.output_dir) / name)
+        log.info("Model overridden on the command line: output_dir -> %s", training_args.output_dir)
+    if "hub_model_id" not in flags and training_args.hub_model_id:
+        org = model.split("/")[0] if "/" in model and not model.startswith(("/", ".")) else None
+        owner = org or training_args.hub_model_id.split("/")[0]
+        training_args.hub_model_id = f"{owner}/{name}-DPO"
+        log.info("Model overridden on the command line: hub_model_id -> %s", training_args.hub_model_id)

@@ -1,0 +1,91 @@
+"""Secrets from `.env`, W&B mode, and the Hub check that runs BEFORE training, so a 20-hour job never fails only at
+its push. No secret value is ever logged: `redact` scrubs them from anything we print or save."""
+
+import logging
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+logger = logging.getLogger(__name__)
+
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+def load_secrets(env_file: str | os.PathLike = ".env") -> None:
+    """Loads `.env` (if present) without overriding variables already set by the cluster or the user."""
+    path = Path(env_file)
+    if path.exists():
+        load_dotenv(path, override=False)
+        logger.info("Loaded environment from %s (values not shown).", path)
+    else:
+        logger.info("No %s file; using the process environment only.", path)
+
+
+def secret_values() -> list[str]:
+    return [v for name in SECRET_VARIABLES if len(v := os.environ.get(name, "")) >= 4]
+
+
+def redact(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value, "<redacted>")
+    return text
+
+
+def configure_wandb(report_to: list[str]) -> str | None:
+    """W&B online with a key, offline (a local run folder, syncable later) without one, off unless requested.
+    Returns the mode chosen, or None when W&B is not used."""
+    if "wandb" not in report_to:
+        return None
+    if os.environ.get("WANDB_MODE"):
+        mode = os.environ["WANDB_MODE"]
+        logger.info("W&B mode %r from the environment.", mode)
+    elif os.environ.get("WANDB_API_KEY"):
+        mode = "online"
+        logger.info("W&B online (WANDB_API_KEY set).")
+    else:
+        mode = "offline"
+        os.environ["WANDB_MODE"] = mode
+        logger.warning("No WANDB_API_KEY: logging W&B runs offline to ./wandb (sync later with `wandb sync`).")
+    return mode
+
+
+def hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
+def check_hub_access(hub_model_id: str) -> None:
+    """Fails fast when a push at the end could not work: no token, an invalid repo id, or (where the Hub is
+    reachable) a token without write access to the repo's owner. An unreachable Hub only warns: the compute node may
+    be offline while the login node pushes later."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as e:
+        raise ValueError(f"--hub_model_id {hub_model_id!r} is not a valid Hub repo id: {e}") from None
+    if "/" not in hub_model_id:
+        raise ValueError(f"--hub_model_id {hub_model_id!r} needs an owner: ORG/NAME.")
+    token = hub_token()
+    if not token:
+        raise ValueError("--push_to_hub is set but HF_TOKEN is not: add it to .env (see .env.example).")
+    owner = hub_model_id.split("/")[0]
+    try:
+        whoami = HfApi().whoami(token=token)
+    except OfflineModeIsEnabled:
+        logger.warning("HF_HUB_OFFLINE is set: cannot check write access to %s now; the push will be tried at the end.", hub_model_id)
+        return
+    except Exception as e:  # noqa: BLE001 - any network failure means "unreachable", checked again at push time
+        if getattr(getattr(e, "response", None), "status_code", None) == 401:
+            raise ValueError("HF_TOKEN was rejected by the Hub (401): create a new token with write access.") from None
+        logger.warning("The Hub is unreachable (%s): write access to %s is checked at push time.", type(e).__name__, hub_model_id)
+        return
+    names = {whoami.get("name")} | {org.get("name") for org in whoami.get("orgs", [])}
+    role = (whoami.get("auth", {}).get("accessToken", {}) or {}).get("role")
+    if owner not in names:
+        raise ValueError(f"The HF_TOKEN user {whoami.get('name')!r} cannot write to {owner!r} (member of: {sorted(n for n in names if n)}).")
+    if role == "read":
+        raise ValueError("HF_TOKEN is a read-only token: the push at the end of training would fail.")
+    logger.info("Hub write access to %s checked.", hub_model_id)

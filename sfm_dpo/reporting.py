@@ -1,0 +1,54 @@
+"""The end-of-run summary: what was trained, on what, how fast, and whether the preference was learned.
+
+Saved as `run_summary.json` in the output folder (tests and sweeps read it) and logged as text."""
+
+import json
+from pathlib import Path
+
+WATCHED = ("loss", "rewards/accuracies", "rewards/margins", "rewards_norm/accuracies", "rewards_norm/margins")
+
+
+def first_and_last(log_history: list[dict], key: str) -> tuple[float, float] | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return (values[0], values[-1]) if values else None
+
+
+def deepspeed_stage(trainer) -> int | None:
+    """The ZeRO stage of the engine really used (None without DeepSpeed): `ACCELERATE_USE_CPU=true` silently turns
+    DeepSpeed off, so we report what ran, not what was configured."""
+    engine = trainer.model_wrapped
+    return engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+
+
+def run_summary(trainer, train_result, output_dir: str) -> dict:
+    metrics = train_result.metrics
+    return {
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "world_size": trainer.args.world_size,
+        "deepspeed_zero_stage": deepspeed_stage(trainer),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "train_runtime_s": metrics.get("train_runtime"),
+        "first_and_last": {k: pair for k in WATCHED if (pair := first_and_last(trainer.state.log_history, k))},
+        "output_dir": str(output_dir),
+    }
+
+
+def summary_text(summary: dict) -> str:
+    stage = summary["deepspeed_zero_stage"]
+    lines = [
+        "Training finished.",
+        f"  steps: {summary['global_step']} of {summary['max_steps']}",
+        f"  processes: {summary['world_size']}, " + (f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed"),
+        f"  samples/s: {summary['train_samples_per_second']}, runtime: {summary['train_runtime_s']} s",
+    ]
+    for key, (first, last) in summary["first_and_last"].items():
+        lines.append(f"  {key}: first logged {first:.4f} -> last logged {last:.4f}")
+    lines.append(f"  model saved to: {summary['output_dir']}")
+    return "\n".join(lines)
+
+
+def save_summary(summary: dict, output_dir: str) -> Path:
+    path = Path(output_dir) / "run_summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
