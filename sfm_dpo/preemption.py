@@ -44,11 +44,15 @@ def any_rank(flag: bool) -> bool:
 class PreemptionCallback(TrainerCallback):
     """Installs handlers for `signals` at construction (call it in the main thread, before `train()`).
 
+    Not SIGTERM by default: the torch elastic agent SIGTERMs the surviving workers when one rank dies, and a worker
+    that then waits for a step end (blocked in a collective with the dead rank) only delays the failure by the
+    agent's 30 s kill timeout; Slurm's own SIGTERM leaves KillWait (30 s) anyway, too short to save a 7B checkpoint.
+
     After `train()` returns, `.preempted` tells whether it stopped early for a requeue: then skip the final save and
     push (the checkpoint holds everything) and exit.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1,)):
         self.requested_by: str | None = None  # this rank's signal, set by the handler
         self.preempted = False  # agreed by all ranks at a step end
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Slurm daemons and clients the test suite runs a one-node cluster with (tests/slurm_cluster.py).
+# Idempotent: does nothing when they are already there. Debian/Ubuntu, as root. Slurm 22.05 on Debian 12.
+set -euo pipefail
+
+slurm_version() { dpkg-query -W -f='${Version}' slurm-client 2>/dev/null || echo "version unknown"; }
+
+needed=(munged mungekey slurmctld slurmd sbatch scontrol squeue)
+missing=()
+for tool in "${needed[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
+done
+if ((${#missing[@]} == 0)); then
+    echo "install_slurm: Slurm and munge already installed ($(slurm_version))"
+    exit 0
+fi
+[[ $(id -u) == 0 ]] || { echo "install_slurm: missing ${missing[*]}; run as root to install them" >&2; exit 1; }
+command -v apt-get >/dev/null || { echo "install_slurm: missing ${missing[*]} and no apt-get" >&2; exit 1; }
+echo "install_slurm: installing munge and Slurm (missing: ${missing[*]})"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# The image's policy-rc.d keeps the package scripts from starting the services; the tests start their own.
+apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client >/dev/null
+echo "install_slurm: Slurm $(slurm_version) installed"
