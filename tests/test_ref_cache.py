@@ -1,0 +1,215 @@
+"""The on-disk reference log-prob cache: values equal a direct per-sequence computation, a second call hits the cache,
+any change of key or data recomputes, and a 2-process DeepSpeed ZeRO-2 pass with an uneven row count gives the
+values of one process.
+
+Run as a script (`torchrun --nproc_per_node 2 tests/test_ref_cache.py OUT CACHE`) it is the 2-process worker.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sfm_dpo import ref_cache
+from sfm_dpo.tiny import build_tiny_model
+
+VOCAB = 97
+N_ROWS = 13  # odd: two ranks get 7 and 6 rows
+KEY = {"model": "tiny-gpt_neox", "seed": 0, "dtype": "float32", "max_length": 64, "forward": "padded-v1"}
+
+
+def make_dataset(n_rows: int = N_ROWS, seed: int = 0):
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    rows = [{"prompt_ids": ids(1, 9), "chosen_ids": ids(1, 30), "rejected_ids": ids(1, 30)} for _ in range(n_rows)]
+    return Dataset.from_list(rows)
+
+
+def direct_logps(model, dataset) -> np.ndarray:
+    """Independent reference: one unpadded sequence at a time, full-vocabulary log_softmax, summed over the
+    completion tokens (position t predicts token t+1), shape (rows, 2)."""
+    out = []
+    with torch.no_grad():
+        for row in dataset:
+            pair = []
+            for completion in (row["chosen_ids"], row["rejected_ids"]):
+                ids = torch.tensor([row["prompt_ids"] + completion])
+                logps = model(input_ids=ids).logits[0].double().log_softmax(-1)
+                n_prompt = len(row["prompt_ids"])
+                pair.append(sum(logps[t - 1, ids[0, t]].item() for t in range(n_prompt, ids.shape[1])))
+            out.append(pair)
+    return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model("gpt_neox", VOCAB, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def counting_compute_fn(model, calls: list):
+    def compute_fn(rows):
+        calls.append(len(rows))
+        return ref_cache.completion_logps_padded(model, rows, device="cpu")
+
+    return compute_fn
+
+
+def columns(dataset) -> np.ndarray:
+    return np.stack([dataset["ref_chosen_logps"], dataset["ref_rejected_logps"]], axis=1)
+
+
+def test_cache_values_hit_and_key_change(model, accelerator, tmp_path):
+    dataset = make_dataset()
+    expected = direct_logps(model, dataset)
+    assert np.all(expected < 0)  # log-probs of random tokens: a sign error or a zero fill would show
+
+    calls = []
+    first = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                      token_budget=120)  # fmt: skip
+    np.testing.assert_allclose(columns(first), expected, rtol=1e-5, atol=1e-4)
+    assert sum(calls) == N_ROWS and len(calls) > 1  # every row computed once, in several budget-sized batches
+    assert first["prompt_ids"] == dataset["prompt_ids"]  # row order kept
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["key"] == KEY and meta["rows"] == N_ROWS and meta["world_size"] == 1
+
+    def must_not_run(rows):
+        raise AssertionError("compute_fn called on a cache hit")
+
+    second = ref_cache.load_or_compute(dataset, must_not_run, tmp_path, KEY, accelerator, batch_size=4)
+    np.testing.assert_array_equal(columns(second), columns(first))
+    # A resumed job (allow_compute=False) reads the cache too.
+    resumed = ref_cache.load_or_compute(dataset, must_not_run, tmp_path, KEY, accelerator, batch_size=4,
+                                        allow_compute=False)  # fmt: skip
+    np.testing.assert_array_equal(columns(resumed), columns(first))
+
+    # Another key (here: another max_length) recomputes, into another folder.
+    calls.clear()
+    changed = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, {**KEY, "max_length": 32},
+                                        accelerator, batch_size=5)  # fmt: skip
+    assert sum(calls) == N_ROWS
+    np.testing.assert_allclose(columns(changed), expected, rtol=1e-5, atol=1e-4)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+
+    # Other tokens under the same key recompute too (the data fingerprint is part of the cache identity).
+    calls.clear()
+    other = make_dataset(seed=1)
+    recomputed = ref_cache.load_or_compute(other, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                           batch_size=5)  # fmt: skip
+    assert sum(calls) == N_ROWS
+    np.testing.assert_allclose(columns(recomputed), direct_logps(model, other), rtol=1e-5, atol=1e-4)
+
+    # A resumed job with no cache for its key must stop, not compute from the trained weights.
+    with pytest.raises(RuntimeError, match="resumed job"):
+        ref_cache.load_or_compute(dataset, must_not_run, tmp_path, {**KEY, "seed": 1}, accelerator, batch_size=4,
+                                  allow_compute=False)  # fmt: skip
+
+
+def test_fingerprint_sees_tokens_and_order():
+    dataset = make_dataset()
+    base = ref_cache.data_fingerprint(dataset)
+    assert ref_cache.data_fingerprint(make_dataset()) == base
+    assert ref_cache.data_fingerprint(dataset.select(list(range(N_ROWS))[::-1])) != base
+    edited = dataset.map(lambda r, i: {"chosen_ids": r["chosen_ids"] + [1] if i == 5 else r["chosen_ids"]},
+                         with_indices=True)  # fmt: skip
+    assert ref_cache.data_fingerprint(edited) != base
+    # Moving a token from the prompt to the completion keeps the flat token stream but not the row.
+    moved = dataset.map(lambda r, i: {"prompt_ids": r["prompt_ids"][:-1], "chosen_ids": r["prompt_ids"][-1:] +
+                                      r["chosen_ids"]} if i == 0 else r, with_indices=True)  # fmt: skip
+    assert ref_cache.data_fingerprint(moved) != base
+
+
+def test_mismatching_cache_folder_is_an_error(model, accelerator, tmp_path):
+    dataset = make_dataset()
+    ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path, KEY, accelerator, batch_size=8)
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "key": {**KEY, "max_length": 1}}))
+    with pytest.raises(RuntimeError, match="does not match"):
+        ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path, KEY, accelerator, batch_size=8)
+
+
+def test_shards_cover_rows_once_and_balance_tokens():
+    tokens = np.asarray([5000, 10, 20, 7000, 30, 40, 50, 60, 9000])
+    shards = [ref_cache.shard_rows(tokens, r, 2) for r in range(2)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(tokens)))
+    loads = [tokens[s].sum() for s in shards]
+    # Greedy by hand: 9000 -> r0, 7000 -> r1, 5000 -> r1, then the six short rows -> r0 (9210 vs 12000).
+    assert [sorted(s.tolist()) for s in shards] == [[1, 2, 4, 5, 6, 7, 8], [0, 3]]
+    assert loads == [9210, 12000]
+    assert [len(g) for g in ref_cache.batches(np.arange(4), np.asarray([3, 3, 9, 1]), 6, None)] == [2, 1, 1]
+
+
+def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
+    """torchrun, 2 ranks, gloo, DeepSpeed ZeRO-2 engine (asserted in the worker): 13 rows, uneven shards."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(out), str(cache)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    dataset = make_dataset()
+    expected = direct_logps(model, dataset)
+    for rank in range(2):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert result["world_size"] == 2 and result["engine"] == "DeepSpeedEngine" and result["zero_stage"] == 2
+        assert sum(json.loads((out / f"rank{r}.json").read_text())["rows_computed"] for r in range(2)) == N_ROWS
+        assert 0 < result["rows_computed"] < N_ROWS
+        np.testing.assert_allclose(np.asarray(result["values"]), expected, rtol=1e-5, atol=1e-4)
+    one_process = ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path / "single", KEY,
+                                            accelerator, batch_size=3)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(result["values"]), columns(one_process), rtol=1e-6, atol=1e-5)
+
+    # The file the 2-rank pass wrote is a hit for a later 1-process run.
+    def must_not_run(rows):
+        raise AssertionError("compute_fn called on a cache hit")
+
+    reused = ref_cache.load_or_compute(dataset, must_not_run, cache, KEY, accelerator, batch_size=3)
+    np.testing.assert_array_equal(columns(reused), np.asarray(result["values"]))
+
+
+def _worker(out: Path, cache: Path) -> None:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    PartialState(backend="gloo")  # no CUDA: tell accelerate which backend, DeepSpeed then uses it
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1,
+                                           "gradient_accumulation_steps": 1, "train_batch_size": 2})  # fmt: skip
+    acc = Accelerator(deepspeed_plugin=plugin)
+    policy = build_tiny_model("gpt_neox", VOCAB, seed=0)
+    engine, _ = acc.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3))
+    calls = []
+    # The pass runs on the prepared ZeRO-2 engine's module, as it does in training.
+    compute_fn = counting_compute_fn(acc.unwrap_model(engine).eval(), calls)
+    dataset = ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2)
+    result = {
+        "world_size": acc.num_processes, "engine": type(engine).__name__, "zero_stage": engine.zero_optimization_stage(),
+        "rows_computed": sum(calls), "values": columns(dataset).tolist(),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
