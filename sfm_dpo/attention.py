@@ -1,0 +1,305 @@
+"""Variable-length attention for the padding-free packed forward (issue 6, items 1 and 5).
+
+Several sequences are packed into one row `[1, T]`; each attends only to itself (and, on sliding-window layers, to
+its last `sliding_window` tokens). The sequence boundaries reach the attention function as transformers'
+flash-attention kwargs `cu_seq_lens_q` / `cu_seq_lens_k` (`[n_seq + 1]` int32 offsets) and `max_length_q` /
+`max_length_k` (python ints), which every model forwards to its attention layers unchanged
+(transformers `modeling_flash_attention_utils.py`, `FlashAttentionKwargs`).
+
+Backends, best first:
+- `varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA only). `window_size=(-1, 0)` is causal and
+  `(W - 1, 0)` is transformers' `sliding_window=W` (a query at q sees keys k with q - W < k <= q, masking_utils
+  `sliding_window_overlay`).
+- `flash_attention_2`: transformers' own flash-attn 2 path, which reads the same kwargs; needs the flash-attn package.
+- `flex`: `torch.nn.attention.flex_attention` with a document (+ window) block mask; compiled on CUDA, eager (it then
+  materializes the scores, fine for the tests) on the CPU.
+- `sdpa`: SDPA with a dense `[T, T]` block-diagonal causal mask. Memory is quadratic in T: a correctness reference,
+  and the last resort.
+
+The registered names are not in transformers' `AttentionMaskInterface`, so the model builds no mask at all for them
+(masking_utils `_preprocess_mask_arguments`: "custom attention without equivalent mask creation"). That also means a
+padding `attention_mask` passed to such a model is ignored: only packed rows without padding may be fed to it.
+"""
+
+import inspect
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+logger = logging.getLogger(__name__)
+
+# Backend -> the name registered in transformers' AttentionInterface (what `config._attn_implementation` is set to).
+IMPLEMENTATIONS = {
+    "varlen": "sfm_varlen",
+    "flash_attention_2": "flash_attention_2",
+    "flex": "sfm_flex",
+    "sdpa": "sfm_sdpa_packed",
+}
+AUTO_ORDER = ("varlen", "flash_attention_2", "flex", "sdpa")
+ATTN_BACKEND_CHOICES = ("auto", *AUTO_ORDER)
+
+
+def _boundaries(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
+    """The packed row's sequence offsets `[n_seq + 1]` (int32) and longest sequence; one sequence when none given."""
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"The packed attention backends take one packed row (batch 1), got batch {query.shape[0]}: padded batches "
+            "must use a stock attention implementation."
+        )
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None:
+        n_tokens = query.shape[2]
+        return torch.tensor([0, n_tokens], dtype=torch.int32, device=query.device), n_tokens
+    if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu_seq_lens:
+        if not torch.equal(kwargs["cu_seq_lens_k"], cu_seq_lens):
+            raise ValueError("Packed self-attention needs cu_seq_lens_k == cu_seq_lens_q.")
+    max_length = kwargs.get("max_length_q")
+    if max_length is None:
+        max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    return cu_seq_lens.to(torch.int32), int(max_length)
+
+
+def _check_unsupported(dropout: float, kwargs: dict) -> None:
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"The packed attention backends do not support `{name}`.")
+
+
+_VARLEN_PARAMS: set[str] | None = None
+
+
+def _varlen_params() -> set[str]:
+    global _VARLEN_PARAMS
+    if _VARLEN_PARAMS is None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
+    return _VARLEN_PARAMS
+
+
+def varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """`query` `[1, H, T, D]`, `key`/`value` `[1, H_kv, T, D]` -> `[1, T, H, D]`, via torch's varlen attention."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    _check_unsupported(dropout, kwargs)
+    if dropout:
+        raise NotImplementedError("torch's varlen attention has no dropout; TRL disables dropout by default.")
+    cu_seq_lens, max_length = _boundaries(query, kwargs)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    extra = {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _varlen_params():
+            extra["enable_gqa"] = True
+        else:  # torch 2.10/2.11: no GQA, so repeat the KV heads (as transformers' `repeat_kv`)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    out = varlen_attn(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens, cu_seq_lens, max_length, max_length,
+        scale=scaling, window_size=window, **extra,
+    )  # fmt: skip
+    return out.unsqueeze(0), None
+
+
+def _document_ids(cu_seq_lens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """`[T]` index of the sequence each token belongs to."""
+    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    return torch.repeat_interleave(
+        torch.arange(len(lengths), device=cu_seq_lens.device), lengths, output_size=n_tokens
+    )
+
+
+def _dense_packed_mask(cu_seq_lens: torch.Tensor, n_tokens: int, sliding_window: int | None) -> torch.Tensor:
+    """`[T, T]` bool: same sequence, causal, and within the window."""
+    doc = _document_ids(cu_seq_lens, n_tokens)
+    pos = torch.arange(n_tokens, device=cu_seq_lens.device)
+    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    if sliding_window is not None:
+        mask &= pos[:, None] - pos[None, :] < sliding_window
+    return mask
+
+
+def sdpa_packed_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """Reference: SDPA with a dense block-diagonal causal mask. `[1, H, T, D]` -> `[1, T, H, D]`."""
+    _check_unsupported(dropout, kwargs)
+    cu_seq_lens, _ = _boundaries(query, kwargs)
+    mask = _dense_packed_mask(cu_seq_lens, query.shape[2], sliding_window)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention_fn(device: torch.device):
+    """flex_attention is only fast compiled; eager (CPU tests) it falls back to a dense, but exact, computation."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
+
+
+def _flex_block_mask(cu_seq_lens: torch.Tensor, n_tokens: int, sliding_window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # One forward calls every layer with the same `cu_seq_lens` tensor (re-entered by gradient checkpointing), so the
+    # block masks are cached on that tensor: built once per forward and window, never reused for another batch.
+    cache = getattr(cu_seq_lens, "_sfm_block_masks", None)
+    if cache is None:
+        cache = {}
+        cu_seq_lens._sfm_block_masks = cache
+    if sliding_window not in cache:
+        doc = _document_ids(cu_seq_lens, n_tokens)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+            if sliding_window is not None:
+                keep = keep & (q_idx - kv_idx < sliding_window)
+            return keep
+
+        device = cu_seq_lens.device
+        cache[sliding_window] = create_block_mask(
+            mask_mod, None, None, n_tokens, n_tokens, device=device, _compile=device.type != "cpu"
+        )
+    return cache[sliding_window]
+
+
+def flex_packed_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """flex attention with a document (+ sliding window) block mask. `[1, H, T, D]` -> `[1, T, H, D]`."""
+    _check_unsupported(dropout, kwargs)
+    if dropout:
+        raise NotImplementedError("The flex backend has no attention dropout; TRL disables dropout by default.")
+    cu_seq_lens, _ = _boundaries(query, kwargs)
+    block_mask = _flex_block_mask(cu_seq_lens, query.shape[2], sliding_window)
+    out = _flex_attention_fn(query.device)(
+        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_OURS = {"varlen": varlen_attention, "flex": flex_packed_attention, "sdpa": sdpa_packed_attention}
+
+
+def register_backends() -> None:
+    """Registers our backends in transformers' global AttentionInterface (idempotent)."""
+    for backend, fn in _OURS.items():
+        AttentionInterface.register(IMPLEMENTATIONS[backend], fn)
+
+
+def _attention_fn(backend: str):
+    if backend == "flash_attention_2":
+        from transformers.integrations.flash_attention import flash_attention_forward
+
+        return flash_attention_forward
+    return _OURS[backend]
+
+
+class _ProbeModule(torch.nn.Module):
+    """What transformers' attention functions read off the calling attention layer."""
+
+    is_causal = True
+    training = False
+
+    def __init__(self, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+def probe_backend(
+    backend: str, device: torch.device | str, dtype: torch.dtype, need_backward: bool = True
+) -> str | None:
+    """Runs `backend` forward (and backward, for training) on a tiny packed GQA problem with and without a sliding
+    window and compares it with the dense reference. Returns None when it works, else why not (the exception or the
+    error). Eager flex attention, for one, has no backward on the CPU."""
+    device = torch.device(device)
+    if backend == "varlen":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError as e:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen ({e})"
+        if "window_size" not in _varlen_params():
+            return f"torch {torch.__version__}'s varlen_attn has no window_size (needed for causal and sliding layers)"
+    if backend == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            return "the flash-attn package is not installed (or has no kernel for this GPU)"
+    generator = torch.Generator().manual_seed(0)
+    cu_seq_lens = torch.tensor([0, 5, 17, 24], dtype=torch.int32, device=device)
+    q, k, v = (
+        torch.randn(1, heads, 24, 64, generator=generator).to(device=device, dtype=dtype).requires_grad_(need_backward)
+        for heads in (4, 2, 2)
+    )
+    kwargs = dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=12, max_length_k=12)
+    module = _ProbeModule()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    try:
+        for window in (None, 4):
+            out, _ = _attention_fn(backend)(module, q, k, v, None, scaling=0.125, sliding_window=window, **kwargs)
+            ref, _ = sdpa_packed_attention(module, q, k, v, None, scaling=0.125, sliding_window=window, **kwargs)
+            error = (out.float() - ref.float()).abs().max().item()
+            if not error <= tolerance:
+                return f"differs from the dense reference by {error:.3g} (sliding_window={window})"
+            if need_backward:
+                out.float().square().sum().backward()
+    except Exception as e:  # any failure means "not usable here": the caller logs it and falls back
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return None
+
+
+def select_backend(
+    requested: str = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    candidates: Sequence[str] = AUTO_ORDER,
+    need_backward: bool = True,
+) -> str:
+    """The first backend of `candidates` (from `requested` on, when one is named) that works on `device` in `dtype`.
+    Every backend skipped is logged with its reason, and so is the choice; raises if none works."""
+    if requested not in ATTN_BACKEND_CHOICES:
+        raise ValueError(f"attn_backend={requested!r}; expected one of {ATTN_BACKEND_CHOICES}.")
+    order = list(candidates)
+    if requested != "auto":
+        order = [requested] + [b for b in order if b != requested]
+    register_backends()
+    reasons = {}
+    for backend in order:
+        reason = probe_backend(backend, device, dtype, need_backward)
+        if reason is None:
+            if backend != order[0]:
+                logger.warning(
+                    "Attention backend %r is not usable on %s (%s); falling back to %r.",
+                    order[0], device, "; ".join(f"{b}: {r}" for b, r in reasons.items()), backend,
+                )  # fmt: skip
+            if backend == "sdpa":
+                logger.warning("The sdpa backend builds a dense [T, T] mask per layer: memory grows with T^2.")
+            logger.info("Packed attention backend: %s (torch %s, %s, %s).", backend, torch.__version__, device, dtype)
+            return backend
+        reasons[backend] = reason
+    raise RuntimeError(f"No packed attention backend works on {device} in {dtype}: {reasons}")
+
+
+def apply_backend(model, backend: str) -> None:
+    """Points `model` (a transformers PreTrainedModel) at `backend`'s registered attention implementation."""
+    register_backends()
+    model.set_attn_implementation(IMPLEMENTATIONS[backend])
+    if model.config._attn_implementation != IMPLEMENTATIONS[backend]:
+        raise RuntimeError(
+            f"{type(model).__name__} kept attn_implementation={model.config._attn_implementation!r} instead of "
+            f"{IMPLEMENTATIONS[backend]!r}; it does not dispatch through transformers' AttentionInterface."
+        )

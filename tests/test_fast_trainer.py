@@ -1,0 +1,175 @@
+"""FastDPOTrainer against stock TRL (SFMDPOTrainer, padded) on the same pairs: loss, gradients, metrics, one
+optimizer step with token-budget micro-batches, and step 0's ln 2."""
+
+import math
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig
+
+from sfm_dpo.fast_trainer import FastDPOTrainer
+from sfm_dpo.packing import pack_pairs
+from sfm_dpo.tiny import build_tiny_model
+from sfm_dpo.trainer import SFMDPOTrainer
+
+VOCAB = 512
+
+
+def make_rows(n: int, seed: int = 0, max_completion: int = 24) -> list[dict]:
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    return [
+        dict(prompt_ids=ids(2, 12), chosen_ids=ids(1, max_completion), rejected_ids=ids(1, max_completion))
+        for _ in range(n)
+    ]
+
+
+def make_args(tmp_path, **overrides) -> DPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", beta=5.0, loss_type=["sigmoid_norm"],
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=None, seed=0, logging_steps=1,
+        save_strategy="no", disable_tqdm=True, padding_free=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    return DPOConfig(**settings)
+
+
+def build(trainer_cls, tmp_path, rows, arch="gpt_neox", ref_model=True, **kwargs):
+    trainer_kwargs = {k: kwargs.pop(k) for k in ("attn_backend", "max_tokens_per_microbatch") if k in kwargs}
+    args = make_args(tmp_path, **kwargs)
+    model = build_tiny_model(arch, VOCAB, seed=1)
+    ref = build_tiny_model(arch, VOCAB, seed=2) if ref_model else None  # a reference unlike the policy: margins != 0
+    from sfm_dpo.tiny import build_tiny_tokenizer
+
+    return trainer_cls(
+        model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=build_tiny_tokenizer(vocab_size=VOCAB), **trainer_kwargs,
+    )  # fmt: skip
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_to_max(got: torch.Tensor, expected: torch.Tensor, name: str, tolerance: float = 1e-3) -> None:
+    """Equal up to `tolerance` x the largest entry. fp32 rounding differs with the batch layout, and beta x summed
+    log-ratios amplify it: stock TRL against itself (one padded batch of 6 pairs vs 6 batches of 1) already differs
+    by 9e-5 of the largest gradient entry. A wrong scale, pairing or mask is off by O(1)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * scale, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm"])
+def test_loss_and_gradients_match_stock_trl(tmp_path, loss_type):
+    rows = make_rows(6, seed=3)
+    stock = build(SFMDPOTrainer, tmp_path / "stock", rows, loss_type=[loss_type])
+    fast = build(FastDPOTrainer, tmp_path / "fast", rows, loss_type=[loss_type], attn_backend="sdpa")
+    assert fast.model.config._attn_implementation == "sfm_sdpa_packed"
+    assert stock.model.config._attn_implementation == "sdpa"
+
+    padded = stock.data_collator(rows)
+    stock_loss = stock.compute_loss(stock.model, padded)
+    stock_loss.backward()
+    # Eval mode: the plain mean over the batch's pairs, as TRL's loss.
+    fast.model.eval()
+    with torch.no_grad():
+        fast_eval_loss = fast.compute_loss(fast.model, pack_pairs(rows))
+    fast.model.train()
+    # Train mode, one micro-batch holding the whole step: world_size / pairs_in_step x sum = the mean.
+    fast_loss = fast.compute_loss(fast.model, pack_pairs(rows))
+    fast_loss.backward()
+
+    assert stock_loss.item() > 0.1  # policy != reference, so not ln 2: a real comparison
+    torch.testing.assert_close(fast_loss, stock_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_eval_loss, stock_loss.detach(), rtol=1e-5, atol=1e-6)
+    g_stock, g_fast = grads(stock.model), grads(fast.model)
+    assert g_stock.keys() == g_fast.keys() and len(g_stock) > 10
+    for name in g_stock:
+        assert_close_to_max(g_fast[name], g_stock[name], name)
+
+    # Same metrics: TRL's per-batch means equal our pair-weighted means over one batch.
+    stock_logs, fast_logs = {}, {}
+    stock.log(stock_logs)
+    fast.log(fast_logs)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "rewards_norm/chosen", "rewards_norm/margins", "rewards_norm/accuracies",
+                "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):  # fmt: skip
+        assert fast_logs[key] == pytest.approx(stock_logs[key], rel=1e-4, abs=1e-5), key
+
+
+def test_step_zero_loss_is_ln2_with_zero_margins(tmp_path):
+    """Reference = policy (TRL builds the reference from the policy's weights): loss ln 2, margins 0."""
+    rows = make_rows(5, seed=4)
+    args = make_args(tmp_path, loss_type=["sigmoid_norm"])
+    model = build_tiny_model("olmo3", VOCAB, seed=1)
+    ref = build_tiny_model("olmo3", VOCAB, seed=1)
+    from sfm_dpo.tiny import build_tiny_tokenizer
+
+    fast = FastDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=build_tiny_tokenizer(vocab_size=VOCAB), attn_backend="sdpa")  # fmt: skip
+    loss = fast.compute_loss(fast.model, pack_pairs(rows))
+    logs = {}
+    fast.log(logs)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert logs["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["rewards_norm/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_precomputed_reference_logps_are_read_from_the_batch(tmp_path):
+    """With ref columns in the data, no reference forward is needed: same loss as with the reference model."""
+    rows = make_rows(4, seed=5)
+    with_ref = build(FastDPOTrainer, tmp_path / "a", rows, attn_backend="sdpa")
+    ref_logps, _ = __import__("sfm_dpo.packing", fromlist=["packed_forward"]).packed_forward(
+        with_ref.ref_model, pack_pairs(rows)
+    )
+    rows_cached = [dict(r, ref_chosen_logps=float(ref_logps[2 * i]), ref_rejected_logps=float(ref_logps[2 * i + 1]))
+                   for i, r in enumerate(rows)]  # fmt: skip
+    cached = build(FastDPOTrainer, tmp_path / "b", rows_cached, ref_model=False, attn_backend="sdpa",
+                   precompute_ref_log_probs=True)  # fmt: skip
+    assert cached.ref_model is None
+    expected = with_ref.compute_loss(with_ref.model, pack_pairs(rows))
+    got = cached.compute_loss(cached.model, pack_pairs(rows_cached))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_settings_fail_at_start(tmp_path):
+    rows = make_rows(4)
+    with pytest.raises(ValueError, match="ipo"):
+        build(FastDPOTrainer, tmp_path, rows, loss_type=["ipo"], attn_backend="sdpa")
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_one_token_budget_step_equals_stock_step(tmp_path):
+    """16 pairs = one optimizer step. Stock TRL: 4 pairs x 4 accumulation steps, padded. Fast: token-budget
+    micro-batches of uneven pair counts. Plain SGD, so the update is lr x the gradient: equal updates = equal
+    gradients. The logged loss is the mean over the 16 pairs in both."""
+    rows = make_rows(16, seed=6, max_completion=40)
+    common = dict(loss_type=["sigmoid_norm"], optim="sgd", learning_rate=1.0, max_grad_norm=0.0, max_steps=1,
+                  lr_scheduler_type="constant", per_device_train_batch_size=4, gradient_accumulation_steps=4)  # fmt: skip
+    stock = build(SFMDPOTrainer, tmp_path / "stock", rows, arch="llama", **common)
+    fast = build(FastDPOTrainer, tmp_path / "fast", rows, arch="llama", attn_backend="sdpa",
+                 max_tokens_per_microbatch=160, **common)  # fmt: skip
+    plan = fast.batch_sampler.plan(0)
+    sizes = [len(b) for b in plan[0][0]]
+    assert len(plan) == 1 and sum(sizes) == 16 and len(set(sizes)) > 1  # one step, uneven micro-batches
+    assert fast.args.gradient_accumulation_steps == fast.batch_sampler.microbatches_per_step == len(sizes) != 4
+
+    before = parameters(stock.model)
+    assert all(torch.equal(before[n], p) for n, p in parameters(fast.model).items())
+    stock_result, fast_result = stock.train(), fast.train()
+    assert fast.state.global_step == stock.state.global_step == 1
+    assert fast_result.training_loss == pytest.approx(stock_result.training_loss, rel=1e-5)
+    after_stock, after_fast = parameters(stock.model), parameters(fast.model)
+    moved = 0
+    for name in before:
+        assert_close_to_max(after_fast[name] - before[name], after_stock[name] - before[name], name)
+        moved += int(not torch.equal(after_stock[name], before[name]))
+    assert moved > 10
