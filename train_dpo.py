@@ -15,10 +15,10 @@ import torch
 import transformers
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import DPOConfig, ModelConfig, TrlParser
+from trl import DPOConfig, ModelConfig
 
 from sfm_dpo.chat_templates import resolve_chat_template
-from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for
+from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets
 from sfm_dpo.data import prepare_dataset
 from sfm_dpo.preflight import check_disk_space, dump_config, resolved_config, save_config
@@ -126,5 +126,4 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
 
 if __name__ == "__main__":
     load_secrets()  # before parsing, so .env can set WANDB_PROJECT and friends
-    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
-    sys.exit(main(*parser.parse_args_and_config()))
+    sys.exit(main(*make_parser().parse_args_and_config()))

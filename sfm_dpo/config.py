@@ -78,6 +78,12 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
 
 
+def make_parser() -> trl.TrlParser:
+    """The one parser. No abbreviations: argparse would otherwise read a typo like `--learning_rat` as
+    `--learning_rate`; unknown arguments fail (`fail_with_unknown_args=True`, TRL's default)."""
+    return trl.TrlParser((ScriptArguments, trl.DPOConfig, trl.ModelConfig), allow_abbrev=False)
+
+
 def gradient_accumulation_for(effective_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
     """Accumulation steps so that one optimizer step sees exactly `effective_batch_size` pairs on `world_size`
     processes. Raises when that number is not reachable, rather than silently training with another batch."""

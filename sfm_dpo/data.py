@@ -111,7 +111,12 @@ def load_preference_rows(source: str, config: str | None = None, split: str = "t
         return datasets.load_dataset(source, config, split=split)
     if ".parquet" in suffixes:
         return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
-    return datasets.Dataset.from_generator(_json_lines, gen_kwargs={"files": [str(p) for p in files]})
+    try:
+        return datasets.Dataset.from_generator(_json_lines, gen_kwargs={"files": [str(p) for p in files]})
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, InvalidDataError):
+            raise e.__cause__ from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,15 +244,17 @@ def normalize_dataset(
             where = f" at {row['source_line']}"
             row = json.loads(row[RAW_COLUMN])
         try:
-            out = normalize_row(row, fmt)
+            pair = normalize_row(row, fmt)
             fault = ""
         except _RowFault as e:
-            out = {"prompt": empty, "chosen": empty, "rejected": empty}
+            pair = {"prompt": empty, "chosen": empty, "rejected": empty}
             fault = f"{_row_label(row, index)}{where}: {e}"
+        # New column names: reusing "chosen" would make `map` keep the input's 24-key message schema.
+        out = {f"normalized_{k}": v for k, v in pair.items()}
         if is_raw:
             out.update({c: row.get(c) for c in METADATA_COLUMNS if c in first})
         out["invalid_reason"] = fault
-        out["is_degenerate"] = not fault and out["chosen"] == out["rejected"]
+        out["is_degenerate"] = not fault and pair["chosen"] == pair["rejected"]
         return out
 
     keep = [c for c in METADATA_COLUMNS if c in dataset.column_names]
@@ -275,7 +282,8 @@ def normalize_dataset(
         report.degenerate_pairs_dropped = n_degenerate
         logger.info("Dropping %d degenerate pairs (chosen == rejected: no gradient).", n_degenerate)
         normalized = normalized.filter(lambda d: not d, input_columns="is_degenerate", num_proc=num_proc)
-    return normalized.remove_columns(["invalid_reason", "is_degenerate"])
+    normalized = normalized.remove_columns(["invalid_reason", "is_degenerate"])
+    return normalized.rename_columns({f"normalized_{k}": k for k in ("prompt", "chosen", "rejected")})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# No test may reach the network: the Hub is unreachable here and in CI.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+# DeepSpeed compiles its CPU shm op once; keep it across tests and runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-gpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: pass --run-gpu on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """The tiny tokenizer + GPT-NeoX model and the Dolci-shaped Think/Instruct data, built once per session."""
+    from sfm_dpo.tiny import build_demo_assets
+
+    return build_demo_assets(tmp_path_factory.mktemp("demo_assets"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_assets["model"])
