@@ -1,0 +1,195 @@
+"""A real single-node Slurm cluster for the tests (pytest plugin: `pytest_plugins = ["tests.slurm_cluster"]`).
+
+Starts munged, slurmctld and slurmd (Debian's Slurm 22.05, installed by scripts/install_slurm.sh) as root, in the
+foreground as our own child processes, with a slurm.conf, state and logs under a temporary folder, free ports and a
+private munge socket, so that several test sessions on one machine don't meet. Four fake GPUs: gres "devices" that are
+links to /dev/null (`Count=N Flags=CountOnly` drains the node in 22.05). Jobs see SLURM_GPUS_ON_NODE=4 and
+CUDA_VISIBLE_DEVICES=0,1,2,3 but torch sees no GPU, so the launcher takes its CPU path.
+
+Only the processes started here are stopped, by their pids; jobs still running are cancelled first.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+FAKE_GPUS = 4
+# The CPU layout stated as `slurmd -C` reports it; a mismatch drains the node.
+SLURM_CONF = """\
+ClusterName=sfmtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# pgid: linuxproc leaked background processes of finished jobs. No cgroups in this container.
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+MailProg=/bin/true
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# Small MinJobAge: `sbatch --wait` then polls every 2 s instead of backing off to 32 s.
+MinJobAge=4
+ReturnToService=2
+SlurmdTimeout=30
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 Gres=gpu:{gpus} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.cpus = os.cpu_count()
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self._procs: list[subprocess.Popen] = []
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        root = self.root
+        for sub in ("state", "spool", "munge", "gpus"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        munge_dir = root / "munge"
+        munge_dir.chmod(0o755)
+        key = munge_dir / "munge.key"
+        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
+        key.chmod(0o600)
+        munge_socket = munge_dir / "munge.socket"
+        for i in range(FAKE_GPUS):
+            (root / "gpus" / f"nvidia{i}").symlink_to("/dev/null")
+        (root / "gres.conf").write_text(f"Name=gpu File={root}/gpus/nvidia[0-{FAKE_GPUS - 1}]\n")
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                root=root,
+                munge_socket=munge_socket,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+                cpus=self.cpus,
+                gpus=FAKE_GPUS,
+            )
+        )
+        self._spawn(
+            "munged",
+            [
+                "munged", "-F", "--force", f"--socket={munge_socket}", f"--key-file={key}",
+                f"--pid-file={munge_dir}/munged.pid", f"--seed-file={munge_dir}/munged.seed",
+                f"--log-file={munge_dir}/munged.log",
+            ],
+        )  # fmt: skip
+        self._wait_for(lambda: munge_socket.exists(), "munged socket", 10)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+        self._wait_for(lambda: self.node_state() == "idle", "node idle", 60)
+
+    def stop(self) -> None:
+        if any(p.poll() is None for p in self._procs):
+            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True)
+            self._wait_for(lambda: not self.squeue(), "jobs to end", 30, fail=False)
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.root / f"{name}.stdout", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self._procs.append(proc)
+        time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
+
+    def _wait_for(self, predicate, what: str, timeout: float, fail: bool = True) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[0]} died while waiting for {what}:\n{self.logs()}")
+            time.sleep(0.25)
+        if fail:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}:\n{self.logs()}")
+        return False
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("munge/munged.log", "slurmctld.log", "slurmd.log", "slurmctld.stdout", "slurmd.stdout"):
+            path = self.root / name
+            if path.exists():
+                parts.append(f"--- {name} (tail) ---\n" + "\n".join(path.read_text().splitlines()[-25:]))
+        return "\n".join(parts)
+
+    # ---- clients ----
+    def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True, **kwargs)
+
+    def node_state(self) -> str:
+        return self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.strip()
+
+    def squeue(self) -> list[str]:
+        return self.run(["squeue", "-h", "-o", "%i %T"]).stdout.split("\n")[:-1]
+
+    def job_field(self, job_id: str, field: str) -> str | None:
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        for token in out.split():
+            key, _, value = token.partition("=")
+            if key == field:
+                return value
+        return None
+
+    def release_when_pending(self, job_id: str, timeout: float = 60) -> None:
+        """A requeued job waits about 2 minutes (BeginTime) before it runs again; start it now. Slurm accepts that
+        only once the job shows PENDING (doing it in the same second as the requeue failed the job)."""
+        self._wait_for(lambda: self.job_field(job_id, "JobState") == "PENDING", f"job {job_id} PENDING", timeout)
+        time.sleep(1)
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm test cluster runs its daemons as root")
+    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+    if missing:
+        pytest.fail(f"Slurm/munge not installed (missing {missing}): run scripts/install_slurm.sh")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
