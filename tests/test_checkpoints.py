@@ -38,7 +38,7 @@ def tiny_dataset(n: int = 64, length: int = 12, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def tiny_trainer(output_dir, trainer_cls=GuardedTrainer, callbacks=(), **overrides) -> Trainer:
+def tiny_trainer(output_dir, trainer_cls=GuardedTrainer, callbacks=(), trainer_kwargs=None, **overrides) -> Trainer:
     args = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
@@ -61,6 +61,7 @@ def tiny_trainer(output_dir, trainer_cls=GuardedTrainer, callbacks=(), **overrid
         args=TrainingArguments(**args),
         train_dataset=tiny_dataset(),
         callbacks=list(callbacks),
+        **(trainer_kwargs or {}),
     )
 
 
