@@ -46,7 +46,8 @@ STRATEGIES = {
     "random": "pad to the longest of a random micro-batch (stock TRL)",
     "group_by_length": "transformers' group_by_length sampler (sorted mega-batches)",
     "sorted": "micro-batches of length-sorted pairs (ideal grouping)",
-    "packed": "first-fit-decreasing packing of each step's pairs into pack_tokens rows",
+    # A padding-free packed forward (sfm_dpo.packing) computes none of the unused room: there it only costs rows.
+    "packed": "each step's pairs packed first-fit-decreasing into rows of pack_tokens, unused room counted as padding",
 }
 
 
@@ -513,7 +514,8 @@ def report_text(result: dict, meta: dict) -> str:
         lines += [f"At max_length {recipe['max_length']}, micro-batches (forward passes) per epoch of the sample:"]
         lines += [f"- {k}: {v['micro_batches']} ({STRATEGIES[k]})" for k, v in recipe["padding"].items()]
         lines += [
-            f"- packed rows hold pack_tokens = {recipe['pack_tokens']} tokens; their unused room is the padding.",
+            f"- packed rows hold pack_tokens = {recipe['pack_tokens']} tokens; a padding-free packed forward computes "
+            "none of their unused room, which then only costs more rows.",
             "",
         ]
     ep = result["epoch"]
