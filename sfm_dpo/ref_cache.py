@@ -121,7 +121,8 @@ def batches(indices: np.ndarray, pair_tokens: np.ndarray, token_budget: int | No
 
 
 def _check_distributed(accelerator) -> None:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    # An Accelerator keeps the DeepSpeed plugin on `.state`; a bare PartialState (no DeepSpeed) has neither.
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
         raise ValueError(
             "The reference log-prob pass needs whole parameters on every rank (ZeRO-0/1/2, DDP or one GPU); under "

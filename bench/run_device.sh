@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The benchmark on the lent GPU machine (see bench/README.md): installs the carried wheels, records the environment,
+# runs B's GPU attention tests and bench_dpo.py once per argument group ("arch[:extra flags]"), logs under $OUT.
+# Usage: bash bench/run_device.sh "tiny_olmo3:--pairs 64 --warmup-steps 1 --steps 1" "gpt_neox_1.4b"
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder that comes back}
+mkdir -p "$OUT/results"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_MININTERVAL=10
+if ! python3 -c "import trl.trainer.dpo_trainer, sfm_dpo.fast_trainer" 2>"$OUT/import_error.txt"; then
+  echo "trl 1.16 / sfm_dpo do not import with this transformers; adding the carried transformers wheel"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/*.whl || exit 1
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 - <<'PY'
+import inspect, torch, transformers, accelerate, trl, datasets
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      "accelerate", accelerate.__version__, "trl", trl.__version__, "datasets", datasets.__version__)
+from torch.nn.attention.varlen import varlen_attn
+print("varlen_attn", inspect.signature(varlen_attn))
+PY
+} 2>&1 | tee "$OUT/env.txt"
+if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
+  timeout 300 python3 -m pytest -q --run-gpu -m gpu -p no:cacheprovider tests/test_attention_backends.py 2>&1 | tail -15 | tee -a "$OUT/env.txt"
+fi
+status=0
+for group in "$@"; do
+  arch=${group%%:*}; extra=""; [ "$group" != "$arch" ] && extra=${group#*:}
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" \
+    > "$OUT/log_$arch.txt" 2>&1 || status=1
+  grep -v "Reference log-probs:" "$OUT/log_$arch.txt" | tail -12
+done
+exit $status
