@@ -10,7 +10,8 @@
 # Environment (all optional; .env, then the site profile, may set them): SITE_PROFILE (scripts/sites/NAME.sh or a
 # path; default "default"), VENV (virtualenv to activate; default .venv; "none" to keep the current environment),
 # GPUS_PER_NODE (override the GPU count), CPU_PROCESSES (processes of the CPU fallback, default 2), MASTER_PORT,
-# OUTPUT_ROOT (a big filesystem: outputs/ becomes a link to it), SFM_CUDA_DEVICES (skip probing, trust this count).
+# OUTPUT_ROOT (a big filesystem: outputs/ becomes a link to it), SFM_CUDA_DEVICES (skip probing, trust this count),
+# PREEMPT_RESEND_S (how often a pending SIGUSR1 is re-sent to workers that may not handle it yet; default 30).
 #
 # Preemption: Slurm sends SIGUSR1 to this shell (`--signal=B:USR1@300`, `scancel --signal=USR1 --batch`). We forward
 # it through srun to `launch.sh --node-task` on every node, which sends it to the training processes (the children
@@ -55,7 +56,7 @@ node_task() {
     while kill -0 "$agent" 2>/dev/null; do
         sleep 2 &
         wait $! || true
-        if ((pending)) && ((SECONDS - last_sent >= 30)); then signal_workers; fi
+        if ((pending)) && ((SECONDS - last_sent >= ${PREEMPT_RESEND_S:-30})); then signal_workers; fi
     done
     local rc=0
     wait "$agent" || rc=$?
@@ -167,15 +168,18 @@ import warnings
 import sys
 
 sys.argv = ["train_dpo.py", "--config", f"configs/{sys.argv[1]}.yaml", *sys.argv[2:]]
-from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
+import torch  # noqa: E402
 
 import train_dpo  # noqa: E402
-from sfm_dpo.config import ScriptArguments, derive_run_names  # noqa: E402
+from sfm_dpo.config import derive_run_names, make_parser  # noqa: E402
 
 logging.disable(logging.WARNING)
 warnings.simplefilter("ignore")  # the header is what we print here; train_dpo.py warns itself
-script_args, training_args, model_args = TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config()
 argv = sys.argv[1:]
+# This host may have no GPU (a dry run, a CPU batch node): parse as if on the CPU so bf16 validation passes. Only the
+# output_dir and parse errors are used from here.
+extra = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv + extra)
 derive_run_names(model_args, training_args, train_dpo.recipe_model(argv), argv, logging.getLogger("launch"))
 print(training_args.output_dir)
 EOF
