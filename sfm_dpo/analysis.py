@@ -468,7 +468,9 @@ def report_text(result: dict, meta: dict) -> str:
         f"- batching: {s['per_device_train_batch_size']} pairs ({2 * s['per_device_train_batch_size']} sequences) per "
         f"micro-batch x {s['world_size']} processes x {s['gradient_accumulation_steps']} accumulation = "
         f"{s['effective_batch_size']} pairs per optimizer step",
-        f"- {meta['elapsed_s']:.1f} s with {meta['num_proc']} processes",
+        f"- {meta['elapsed_s']:.1f} s with {meta['num_proc']} processes before the report ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in meta.get("timings_s", {}).items())
+        + ")",
         "",
         "## Lengths (tokens; pair = prompt + longer completion)",
         "",
@@ -493,7 +495,7 @@ def report_text(result: dict, meta: dict) -> str:
             f"{e['tokens_cut_mean']:.0f} / {e['tokens_cut_p95']}", _pct(e["tokens_lost_share"]), e["pairs_used"],
             _tokens(e["epoch_sequence_tokens"]), e["optimizer_steps"],
         ])  # fmt: skip
-    headers = ["max_length", "max_prompt", "pairs fit", "prompts cut", "completions cut", "dropped",
+    headers = ["max_length", "max_prompt", "pairs <= max_length", "prompts cut", "completions cut", "dropped",
                "identical after cut", "cut tokens mean / p95", "tokens lost", "pairs used", "epoch tokens", "steps"]  # fmt: skip
     lines += [table(headers, rows), ""]
     r = result["recommended_max_length"]
@@ -511,7 +513,9 @@ def report_text(result: dict, meta: dict) -> str:
     ]), ""]  # fmt: skip
     recipe = next(e for e in result["max_lengths"] if e["is_recipe"])
     if recipe["padding"]:
-        lines += [f"At max_length {recipe['max_length']}, micro-batches (forward passes) per epoch of the sample:"]
+        lines += [
+            f"At max_length {recipe['max_length']}, micro-batches (forward passes) per epoch of the pairs analysed:"
+        ]
         lines += [f"- {k}: {v['micro_batches']} ({STRATEGIES[k]})" for k, v in recipe["padding"].items()]
         lines += [
             f"- packed rows hold pack_tokens = {recipe['pack_tokens']} tokens; a padding-free packed forward computes "
