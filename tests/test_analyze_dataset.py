@@ -8,6 +8,7 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -27,7 +28,8 @@ from sfm_dpo.analysis import (
 )
 from sfm_dpo.data import DataReport, InvalidDataError, normalize_dataset, tokenize_dataset
 from sfm_dpo.tiny import dolci_instruct_row, dolci_think_row, write_jsonl
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script():
