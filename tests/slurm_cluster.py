@@ -10,6 +10,7 @@ Only the processes started here are stopped, by their pids; jobs still running a
 """
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,8 @@ FAKE_GPUS = 4
 # The CPU layout stated as `slurmd -C` reports it; a mismatch drains the node.
 SLURM_CONF = """\
 ClusterName=sfmtest
+# Job ids name the logs in the repo's logs/: start high and at random, so concurrent test sessions don't collide.
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -96,6 +99,7 @@ class SlurmCluster:
                 slurmd_port=_free_port(),
                 cpus=self.cpus,
                 gpus=FAKE_GPUS,
+                first_job_id=random.randrange(100_000, 60_000_000),
             )
         )
         self._spawn(
