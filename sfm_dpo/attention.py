@@ -91,6 +91,15 @@ def varlen_attention(
         raise NotImplementedError("torch's varlen attention has no dropout; TRL disables dropout by default.")
     cu_seq_lens, max_length = _boundaries(query, kwargs)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # The flash kernel behind varlen_attn takes half precision only; under autocast the rest of the layer runs in
+        # it anyway (a float32 q can come out of an fp32 rotary embedding).
+        if not torch.is_autocast_enabled(q.device.type):
+            raise TypeError(
+                f"varlen attention needs float16/bfloat16 inputs, got {q.dtype}; use bf16 or another backend."
+            )
+        half = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(half), k.to(half), v.to(half)
     extra = {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in _varlen_params():
@@ -103,7 +112,7 @@ def varlen_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens, cu_seq_lens, max_length, max_length,
         scale=scaling, window_size=window, **extra,
     )  # fmt: skip
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0).to(query.dtype), None
 
 
 def _document_ids(cu_seq_lens: torch.Tensor, n_tokens: int) -> torch.Tensor:
