@@ -18,9 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, ModelConfig
 
 from sfm_dpo.chat_templates import resolve_chat_template
+from sfm_dpo.checkpoints import latest_complete_checkpoint
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
-from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets
+from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, push_final_model
 from sfm_dpo.data import prepare_dataset
+from sfm_dpo.preemption import PreemptionCallback
 from sfm_dpo.preflight import check_disk_space, dump_config, resolved_config, save_config
 from sfm_dpo.reporting import run_summary, save_summary, summary_text
 from sfm_dpo.trainer import SFMDPOTrainer
@@ -66,8 +68,12 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         training_args.gradient_accumulation_steps,
     )  # fmt: skip
     configure_wandb(training_args.report_to)
-    if training_args.push_to_hub:
+    push_to_hub = training_args.push_to_hub
+    if push_to_hub:
         check_hub_access(training_args.hub_model_id)
+        # We push the final model ourselves (see push_final_model); the Trainer would create the repo now and upload
+        # every checkpoint.
+        training_args.push_to_hub = False
     config = resolved_config(script_args, training_args, model_args, world_size)
     logger.info("Resolved configuration:\n%s", dump_config(config))
     if training_args.process_index == 0:
@@ -100,11 +106,24 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     if training_args.process_index == 0:
         data_report.save(f"{training_args.output_dir}/data_report.json")
 
-    trainer = SFMDPOTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
-    last_checkpoint = transformers.trainer_utils.get_last_checkpoint(training_args.output_dir)
+    preemption = PreemptionCallback()  # SIGUSR1 (Slurm's pre-timeout signal): checkpoint at the next step, stop
+    trainer = SFMDPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[preemption],
+        max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
+    )
+    # A requeued or resubmitted job resumes from its newest COMPLETE checkpoint: optimizer, scheduler, RNG and data
+    # position included (the Trainer restores them and skips the batches already seen).
+    last_checkpoint = latest_complete_checkpoint(training_args.output_dir)
     if last_checkpoint:
         logger.info("Resuming from %s", last_checkpoint)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    if preemption.preempted:
+        logger.warning("Stopped for preemption at step %d; the checkpoint is saved and the job resumes from it.", trainer.state.global_step)
+        return 0
 
     trainer.save_model(training_args.output_dir)
     summary = run_summary(trainer, train_result, training_args.output_dir)
@@ -114,9 +133,11 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         save_summary(summary, training_args.output_dir)
     logger.info(summary_text(summary))
 
-    if training_args.push_to_hub:
+    if push_to_hub:
         try:
-            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+            if trainer.is_world_process_zero():
+                trainer.create_model_card(model_name=training_args.hub_model_id.split("/")[-1], dataset_name=script_args.dataset_name)
+                push_final_model(training_args.output_dir, training_args.hub_model_id, training_args.hub_private_repo)
         except Exception as e:  # noqa: BLE001 - the local save above stands; the exit code says the push failed
             logger.error("Push to %s failed (%s: %s). The model is saved in %s.", training_args.hub_model_id, type(e).__name__, e, training_args.output_dir)
             return PUSH_FAILED_EXIT_CODE

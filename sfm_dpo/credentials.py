@@ -89,3 +89,20 @@ def check_hub_access(hub_model_id: str) -> None:
     if role == "read":
         raise ValueError("HF_TOKEN is a read-only token: the push at the end of training would fail.")
     logger.info("Hub write access to %s checked.", hub_model_id)
+
+
+def push_final_model(output_dir: str, hub_model_id: str, private: bool | None) -> str:
+    """Uploads the final model folder (not the checkpoints) once training is done. We push ourselves rather than
+    through `Trainer(push_to_hub=True)`, which creates the repo in `Trainer.__init__` (crashing runs on compute nodes
+    that cannot reach the Hub) and uploads every checkpoint (tens of GB each for a 7B model)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub_token())
+    api.create_repo(hub_model_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=hub_model_id,
+        folder_path=output_dir,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "runs/**", "wandb/**"],
+        commit_message="DPO training finished",
+    )
+    return str(commit)

@@ -13,6 +13,7 @@ Tokenization is ours rather than TRL's `_prepare_dataset` because TRL 1.x droppe
 END of an over-long prompt, as TRL 0.x did) and because the analysis script must count exactly what training sees.
 """
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -112,7 +113,13 @@ def load_preference_rows(source: str, config: str | None = None, split: str = "t
     if ".parquet" in suffixes:
         return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
     try:
-        return datasets.Dataset.from_generator(_json_lines, gen_kwargs={"files": [str(p) for p in files]})
+        # datasets caches a generator's rows by its arguments (the paths), not by the files' contents: without this
+        # fingerprint an edited file would silently load its old rows.
+        stamp = json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+        fingerprint = hashlib.sha256(stamp.encode()).hexdigest()
+        return datasets.Dataset.from_generator(
+            _json_lines, gen_kwargs={"files": [str(p) for p in files]}, fingerprint=fingerprint
+        )
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, InvalidDataError):
             raise e.__cause__ from None

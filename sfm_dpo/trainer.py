@@ -1,6 +1,7 @@
 """`SFMDPOTrainer`: TRL's `DPOTrainer`, kept as the engine, with the few things our runs need on top.
 
 - It takes the dataset that `sfm_dpo.data` already tokenized (prompt truncation and pair limits are ours, see there).
+- Checkpoints are atomic and non-finite steps are skipped (the mixins' modules say how).
 - It logs the length-normalized rewards next to TRL's. TRL's `rewards/*` are beta x the SUMMED log-ratio whatever
   the loss; OLMo 3's `sigmoid_norm` (open-instruct `dpo_norm`) optimizes beta x the per-token MEAN log-ratio, so
   `rewards_norm/*` are the numbers the loss actually sees.
@@ -11,6 +12,9 @@ import logging
 
 import torch
 from trl import DPOTrainer
+
+from .checkpoints import AtomicCheckpointMixin
+from .nonfinite import NonFiniteGuardMixin
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,10 @@ def _capture_log_probs(module, store: list):
         handle.remove()
 
 
-class SFMDPOTrainer(DPOTrainer):
+class SFMDPOTrainer(AtomicCheckpointMixin, NonFiniteGuardMixin, DPOTrainer):
+    """Atomic checkpoints (`sfm_dpo.checkpoints`) and the non-finite step guard (`sfm_dpo.nonfinite`, keyword
+    `max_consecutive_nonfinite`) come from the mixins."""
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if PRETOKENIZED_COLUMNS <= set(dataset.column_names):
             return dataset

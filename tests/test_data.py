@@ -252,3 +252,10 @@ def test_prepare_dataset_reports_counts(demo_assets, tiny_tokenizer):
     assert report.pairs_dropped_overlong == sum(overlong) > 0
     assert report.pairs_used == len(dataset) == 64 - sum(overlong)
     assert all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 80 for r in dataset)
+
+
+def test_an_edited_file_is_read_again(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    for n in (3, 5, 2):
+        write_jsonl([dolci_think_row(i, random.Random(i)) for i in range(n)], path)
+        assert len(load_preference_rows(str(path))) == n

@@ -1,0 +1,80 @@
+"""The real thing on the CPU: scripts/launch.sh -> accelerate launch (2 processes) -> DeepSpeed ZeRO-2 -> train_dpo.py.
+
+One run trains, checkpoints, saves and then fails its Hub push (the Hub is offline here): the local model stays and the
+exit code says so. A second run resumes from the newest complete checkpoint. Fake secrets are in the environment
+the whole time and must appear in no log and no file (trl test_dpo_trainer::test_train, torchtune recipe tests).
+"""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+SECRETS = {"HF_TOKEN": "hf_TESTSECRETtoken123456", "WANDB_API_KEY": "wandbTESTSECRETkey987654"}
+
+
+def launch(demo_assets, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "CPU_PROCESSES": "2"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
+    cmd = [
+        "bash", "scripts/launch.sh", "demo",
+        "--model_name_or_path", str(demo_assets["model"]), "--dataset_name", str(demo_assets["think"]),
+        "--output_dir", str(output_dir), "--max_train_samples", "96", "--save_steps", "3", *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_assets, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("e2e") / "run"
+    result = launch(demo_assets, output_dir, "--max_steps", "6", "--push_to_hub", "true", "--hub_model_id", "test-org/tiny-DPO")
+    return output_dir, result
+
+
+def test_trains_under_deepspeed_zero2_and_saves(first_run, demo_assets):
+    output_dir, result = first_run
+    log = result.stdout + result.stderr
+    summary = __import__("json").loads((output_dir / "run_summary.json").read_text())
+    assert summary["deepspeed_zero_stage"] == 2, log[-3000:]
+    assert summary["world_size"] == 2
+    assert summary["global_step"] == 6
+    for name in ("model.safetensors", "tokenizer_config.json", "run_config.yaml", "data_report.json", "trainer_state.json"):
+        assert (output_dir / name).exists(), name
+    assert (output_dir / "checkpoint-6" / "COMPLETE").exists()
+    before = load_file(demo_assets["model"] / "model.safetensors")
+    after = load_file(output_dir / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, "training did not change the parameters"
+
+
+def test_failed_push_keeps_the_model_and_fails_the_run(first_run):
+    output_dir, result = first_run
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Push to test-org/tiny-DPO failed" in log
+    assert f"The model is saved in {output_dir}" in log
+    assert (output_dir / "model.safetensors").exists()
+
+
+def test_no_secret_in_any_log_or_file(first_run):
+    output_dir, result = first_run
+    texts = [result.stdout, result.stderr]
+    texts += [p.read_text(errors="ignore") for p in output_dir.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert len(texts) > 5
+    for value in SECRETS.values():
+        assert not any(value in text for text in texts), value
+
+
+def test_resumes_from_the_newest_complete_checkpoint(first_run, demo_assets):
+    output_dir, _ = first_run
+    result = launch(demo_assets, output_dir, "--max_steps", "8")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"Resuming from {output_dir}/checkpoint-6" in log
+    summary = __import__("json").loads((output_dir / "run_summary.json").read_text())
+    assert summary["global_step"] == 8
