@@ -188,7 +188,8 @@ EOF
 export SFM_REQUEUE_MARKER="$REPO/logs/.requeue-${SLURM_JOB_ID:-local-$$}"
 rm -f "$SFM_REQUEUE_MARKER" # a requeued job has the same id: only this run's marker counts
 
-train_args=$(printf ' %q' "$@")
+train_args=""
+(($#)) && train_args=$(printf ' %q' "$@") # with no argument printf would still print ''
 if ((UNDER_SLURM)); then
     # c10d rendezvous and DeepSpeed's "standard" multi-node launcher (its default, pdsh, would ssh to the nodes).
     # \$SLURM_PROCID stays literal here: each node's task expands it to its own machine rank.
