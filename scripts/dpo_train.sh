@@ -3,7 +3,8 @@
 #   mkdir -p logs && sbatch scripts/dpo_train.sh [train_dpo.py args...]      # Slurm won't create logs/ itself
 #   sbatch --nodes=2 scripts/dpo_train.sh --model_name_or_path ORG/NAME      # -> <output_dir>/NAME, hub ORG/NAME-DPO
 #   bash scripts/dpo_train.sh --max_steps 10                                 # no Slurm: the local GPUs
-# Five minutes before the time limit Slurm sends SIGUSR1: training checkpoints, the job requeues and resumes.
+# Five minutes before the time limit Slurm sends SIGUSR1: training checkpoints, the job requeues and resumes
+# (same job id, same log: --open-mode=append keeps the earlier lives' output).
 #SBATCH --job-name=think
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -11,6 +12,7 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 set -euo pipefail

@@ -20,6 +20,11 @@
 # `scontrol requeue` and exit 0. The requeued job runs the same command, so train_dpo.py resumes in the same output_dir.
 set -euo pipefail
 
+# The whole script is one { ... } block, parsed before it runs: a job runs for hours, and bash reads a plain script
+# as it goes, so a `git pull` meanwhile would feed it the new file at the old offset (seen: a syntax error in place of
+# the requeue).
+{
+
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REQUEUE_EXIT_CODE=75 # sfm_dpo.preemption.REQUEUE_EXIT_CODE: a local run that stopped for preemption
 DRY_RUN=${LAUNCH_DRY_RUN:-0}
@@ -236,6 +241,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 
 PREEMPTED_AT=
+# shellcheck disable=SC2317  # invoked by the trap
 forward_preemption() {
     PREEMPTED_AT=$(date +%H:%M:%S)
     log "SIGUSR1: asking training to save a checkpoint at the next step and stop"
@@ -287,3 +293,5 @@ if ((rc != 0)); then
     exit "$rc"
 fi
 summary "DONE: model saved to $OUTPUT_DIR"
+exit 0
+}
