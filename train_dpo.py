@@ -22,10 +22,10 @@ from sfm_dpo.checkpoints import latest_complete_checkpoint
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, push_final_model
 from sfm_dpo.data import prepare_dataset
+from sfm_dpo.fast_path import build_trainer
 from sfm_dpo.preemption import PreemptionCallback
 from sfm_dpo.preflight import check_disk_space, dump_config, resolved_config, save_config
 from sfm_dpo.reporting import run_summary, save_summary, summary_text
-from sfm_dpo.trainer import SFMDPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +107,7 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         data_report.save(f"{training_args.output_dir}/data_report.json")
 
     preemption = PreemptionCallback()  # SIGUSR1 (Slurm's pre-timeout signal): checkpoint at the next step, stop
-    trainer = SFMDPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        callbacks=[preemption],
-        max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
-    )
+    trainer = build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, [preemption])
     # A requeued or resubmitted job resumes from its newest COMPLETE checkpoint: optimizer, scheduler, RNG and data
     # position included (the Trainer restores them and skips the batches already seen).
     last_checkpoint = latest_complete_checkpoint(training_args.output_dir)

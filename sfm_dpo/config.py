@@ -60,6 +60,29 @@ class ScriptArguments(trl.ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N rows of the training split (smoke tests, demos)."}
     )
+    attn_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Packed attention on the fast path (--padding_free true): auto (varlen, then flash_attention_2, "
+            "flex, sdpa: the first that works here, probed at start-up and logged), or one of them.",
+            "choices": ["auto", "varlen", "flash_attention_2", "flex", "sdpa"],
+        },
+    )
+    max_tokens_per_microbatch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fast path: token budget of one packed micro-batch per GPU. Each optimizer step still averages "
+            "over exactly effective_batch_size pairs; gradient accumulation becomes the number of micro-batches the "
+            "data needs. None: per_device_train_batch_size pairs per micro-batch, packed."
+        },
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fast path with --precompute_ref_log_probs: where the reference log-probs are kept (keyed by "
+            "model, data and tokenization, reused by later and resumed runs). Default: <output_dir>/ref_logps."
+        },
+    )
     max_consecutive_nonfinite: int = field(
         default=10,
         metadata={"help": "Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."},
@@ -74,6 +97,8 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(f"--max_prompt_length must be positive, got {self.max_prompt_length}.")
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"--overlong_policy must be one of {OVERLONG_POLICIES}, got {self.overlong_policy!r}.")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ValueError(f"--max_tokens_per_microbatch must be positive, got {self.max_tokens_per_microbatch}.")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
 
@@ -108,6 +133,20 @@ def check_recipe(script_args: ScriptArguments, training_args, model_args) -> Non
         raise ValueError(
             f"--max_prompt_length ({script_args.max_prompt_length}) must be smaller than --max_length "
             f"({training_args.max_length}), or no completion token would remain."
+        )
+    if (
+        training_args.padding_free
+        and script_args.max_tokens_per_microbatch is not None
+        and script_args.max_tokens_per_microbatch < training_args.max_length * 2
+    ):
+        raise ValueError(
+            f"--max_tokens_per_microbatch ({script_args.max_tokens_per_microbatch}) must hold the longest pair: "
+            f"at least 2 x max_length = {training_args.max_length * 2} tokens (prompt + chosen, prompt + rejected)."
+        )
+    if training_args.precompute_ref_log_probs and not training_args.padding_free:
+        raise ValueError(
+            "--precompute_ref_log_probs needs the fast path (--padding_free true): TRL's own precompute crashes under "
+            "DeepSpeed ZeRO-2 (see sfm_dpo/ref_cache.py)."
         )
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. ORG/NAME-DPO).")

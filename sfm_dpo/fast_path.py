@@ -1,0 +1,81 @@
+"""Builds the trainer train_dpo.py runs: the fast path (packed, padding-free, reference log-probs computed once) or,
+with `--padding_free false`, stock TRL behaviour for comparison."""
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from trl.trainer.utils import add_fused_lm_head
+
+from . import ref_cache
+from .attention import apply_backend, select_backend
+from .fast_trainer import FastDPOTrainer
+from .packing import reference_logps_fn
+from .trainer import SFMDPOTrainer
+
+logger = logging.getLogger(__name__)
+
+# Bump when the packed forward's numerics change, so older caches are not reused.
+FORWARD_VERSION = 1
+
+
+def reference_key(script_args, training_args, model_args, tokenizer, backend: str, dtype) -> dict:
+    """Everything the reference log-probs depend on besides the token ids (which ref_cache fingerprints itself)."""
+    return {
+        "model": model_args.model_name_or_path,
+        "revision": model_args.model_revision,
+        "dtype": str(dtype),
+        "attn_backend": backend,
+        "max_length": training_args.max_length,
+        "max_prompt_length": script_args.max_prompt_length,
+        "overlong_policy": script_args.overlong_policy,
+        "chat_template_sha": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16],
+        "forward_version": FORWARD_VERSION,
+    }
+
+
+def attach_reference_logps(model, dataset, script_args, training_args, model_args, tokenizer, backend: str):
+    """One data-parallel pass of the (still untrained) model over the data, cached on disk; the trainer then keeps no
+    reference model. A resumed job finds the cache; were it gone, the model loaded here is still the reference (the
+    checkpoint's weights are loaded later, by `train()`), so recomputing stays correct."""
+    state = PartialState()
+    device = state.device
+    model.to(device)
+    apply_backend(model, backend)
+    add_fused_lm_head(model)
+    use_bf16 = training_args.bf16 and device.type != "cpu"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    budget = script_args.max_tokens_per_microbatch or 2 * training_args.max_length
+    compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
+    cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
+    key = reference_key(script_args, training_args, model_args, tokenizer, backend, torch.bfloat16 if use_bf16 else model.dtype)
+    return ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
+
+
+def build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, callbacks):
+    common = dict(
+        args=training_args,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
+    )
+    if not training_args.padding_free:
+        logger.info("--padding_free false: stock TRL padded batches with a reference model (for comparison).")
+        return SFMDPOTrainer(model=model, train_dataset=train_dataset, **common)
+    dtype = torch.bfloat16 if training_args.bf16 else model.dtype
+    backend = select_backend(script_args.attn_backend, PartialState().device, dtype)
+    if training_args.precompute_ref_log_probs:
+        train_dataset = attach_reference_logps(
+            model, train_dataset, script_args, training_args, model_args, tokenizer, backend
+        )
+    return FastDPOTrainer(
+        model=model,
+        train_dataset=train_dataset,
+        attn_backend=backend,
+        max_tokens_per_microbatch=script_args.max_tokens_per_microbatch,
+        pairs_per_step=script_args.effective_batch_size,
+        **common,
+    )
