@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_H
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/env.txt"
 status=0
 for n in 1 2; do
-  timeout 280 python3 -m accelerate.commands.launch --config_file accelerate_config.yaml --num_processes "$n" \
+  timeout 180 python3 -m accelerate.commands.launch --config_file accelerate_config.yaml --num_processes "$n" \
     bench/zero2_first_step.py --arch "$ARCH" --out "$OUT/zero2_${ARCH}_n$n.json" > "$OUT/zero2_n$n.log" 2>&1 || status=1
   grep -E '^\{"world|Error' "$OUT/zero2_n$n.log" | tail -3
 done
