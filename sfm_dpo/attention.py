@@ -230,11 +230,12 @@ class _ProbeModule(torch.nn.Module):
 
 
 def probe_backend(
-    backend: str, device: torch.device | str, dtype: torch.dtype, need_backward: bool = True
+    backend: str, device: torch.device | str, dtype: torch.dtype, need_backward: bool = True, head_dim: int = 64
 ) -> str | None:
     """Runs `backend` forward (and backward, for training) on a tiny packed GQA problem with and without a sliding
     window and compares it with the dense reference. Returns None when it works, else why not (the exception or the
-    error). Eager flex attention, for one, has no backward on the CPU."""
+    error). Eager flex attention, for one, has no backward on the CPU; the flash kernels need `head_dim` % 8 == 0,
+    so probe with the model's own."""
     device = torch.device(device)
     if backend == "varlen":
         try:
@@ -251,16 +252,19 @@ def probe_backend(
     generator = torch.Generator().manual_seed(0)
     cu_seq_lens = torch.tensor([0, 5, 17, 24], dtype=torch.int32, device=device)
     q, k, v = (
-        torch.randn(1, heads, 24, 64, generator=generator).to(device=device, dtype=dtype).requires_grad_(need_backward)
+        torch.randn(1, heads, 24, head_dim, generator=generator)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(need_backward)
         for heads in (4, 2, 2)
     )
     kwargs = dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=12, max_length_k=12)
     module = _ProbeModule()
+    scale = head_dim**-0.5
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         for window in (None, 4):
-            out, _ = _attention_fn(backend)(module, q, k, v, None, scaling=0.125, sliding_window=window, **kwargs)
-            ref, _ = sdpa_packed_attention(module, q, k, v, None, scaling=0.125, sliding_window=window, **kwargs)
+            out, _ = _attention_fn(backend)(module, q, k, v, None, scaling=scale, sliding_window=window, **kwargs)
+            ref, _ = sdpa_packed_attention(module, q, k, v, None, scaling=scale, sliding_window=window, **kwargs)
             error = (out.float() - ref.float()).abs().max().item()
             if not error <= tolerance:
                 return f"differs from the dense reference by {error:.3g} (sliding_window={window})"
@@ -277,6 +281,7 @@ def select_backend(
     dtype: torch.dtype = torch.float32,
     candidates: Sequence[str] = AUTO_ORDER,
     need_backward: bool = True,
+    head_dim: int = 64,
 ) -> str:
     """The first backend of `candidates` (from `requested` on, when one is named) that works on `device` in `dtype`.
     Every backend skipped is logged with its reason, and so is the choice; raises if none works."""
@@ -288,7 +293,7 @@ def select_backend(
     register_backends()
     reasons = {}
     for backend in order:
-        reason = probe_backend(backend, device, dtype, need_backward)
+        reason = probe_backend(backend, device, dtype, need_backward, head_dim)
         if reason is None:
             if backend != order[0]:
                 logger.warning(

@@ -107,7 +107,9 @@ class FastDPOTrainer(SFMDPOTrainer):
 
         # Which attention works here, on the training device in the training dtype (bf16/fp16 under mixed precision).
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.dtype
-        self.attn_backend = select_backend(attn_backend, args.device, dtype)
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.attn_backend = select_backend(attn_backend, args.device, dtype, head_dim=head_dim)
         apply_backend(model, self.attn_backend)
         if ref_model is not None:
             apply_backend(ref_model, self.attn_backend)
