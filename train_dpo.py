@@ -35,7 +35,9 @@ PUSH_FAILED_EXIT_CODE = 2
 def setup_logging(training_args: DPOConfig) -> None:
     level = training_args.get_process_log_level()  # only rank 0 talks
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)]
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
     )
     for name in ("__main__", "sfm_dpo"):
         logging.getLogger(name).setLevel(level)
@@ -80,7 +82,9 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         logger.info("Saved the resolved configuration to %s", save_config(config, training_args.output_dir))
 
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
     )
     resolve_chat_template(tokenizer, script_args.chat_template, logger)
     if tokenizer.pad_token is None:
@@ -96,9 +100,17 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         trust_remote_code=training_args.trust_remote_code,
     )
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model %s: %.3fB parameters, %s, attention %s.", model_args.model_name_or_path, n_params / 1e9, model.dtype, model.config._attn_implementation)
+    logger.info(
+        "Model %s: %.3fB parameters, %s, attention %s.",
+        model_args.model_name_or_path,
+        n_params / 1e9,
+        model.dtype,
+        model.config._attn_implementation,
+    )
     if training_args.process_index == 0:
-        check_disk_space(training_args.output_dir, n_params, training_args.save_total_limit, training_args.save_only_model)
+        check_disk_space(
+            training_args.output_dir, n_params, training_args.save_total_limit, training_args.save_only_model
+        )
 
     with training_args.main_process_first(desc="preparing the preference data"):
         train_dataset, data_report = prepare_dataset(script_args, training_args, tokenizer)
@@ -115,7 +127,10 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         logger.info("Resuming from %s", last_checkpoint)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if preemption.preempted:
-        logger.warning("Stopped for preemption at step %d; the checkpoint is saved and the job resumes from it.", trainer.state.global_step)
+        logger.warning(
+            "Stopped for preemption at step %d; the checkpoint is saved and the job resumes from it.",
+            trainer.state.global_step,
+        )
         return 0
 
     trainer.save_model(training_args.output_dir)
@@ -129,10 +144,18 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     if push_to_hub:
         try:
             if trainer.is_world_process_zero():
-                trainer.create_model_card(model_name=training_args.hub_model_id.split("/")[-1], dataset_name=script_args.dataset_name)
+                trainer.create_model_card(
+                    model_name=training_args.hub_model_id.split("/")[-1], dataset_name=script_args.dataset_name
+                )
                 push_final_model(training_args.output_dir, training_args.hub_model_id, training_args.hub_private_repo)
         except Exception as e:  # noqa: BLE001 - the local save above stands; the exit code says the push failed
-            logger.error("Push to %s failed (%s: %s). The model is saved in %s.", training_args.hub_model_id, type(e).__name__, e, training_args.output_dir)
+            logger.error(
+                "Push to %s failed (%s: %s). The model is saved in %s.",
+                training_args.hub_model_id,
+                type(e).__name__,
+                e,
+                training_args.output_dir,
+            )
             return PUSH_FAILED_EXIT_CODE
         logger.info("Pushed to https://huggingface.co/%s", training_args.hub_model_id)
     return 0

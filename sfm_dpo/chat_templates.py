@@ -37,7 +37,10 @@ def resolve_chat_template(tokenizer, chat_template: str | None, log) -> None:
     tokenizer's own, and fails with the option's name when there is none."""
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
-        log.info("Using chat template %r from --chat_template.", chat_template if chat_template in CHAT_TEMPLATES else "custom")
+        log.info(
+            "Using chat template %r from --chat_template.",
+            chat_template if chat_template in CHAT_TEMPLATES else "custom",
+        )
     elif not tokenizer.chat_template:
         raise ValueError(
             f"The tokenizer {tokenizer.name_or_path!r} has no chat template. Pass --chat_template sfm (SFM GPT-NeoX "

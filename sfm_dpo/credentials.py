@@ -75,17 +75,24 @@ def check_hub_access(hub_model_id: str) -> None:
     try:
         whoami = HfApi().whoami(token=token)
     except OfflineModeIsEnabled:
-        logger.warning("HF_HUB_OFFLINE is set: cannot check write access to %s now; the push will be tried at the end.", hub_model_id)
+        logger.warning(
+            "HF_HUB_OFFLINE is set: cannot check write access to %s now; the push will be tried at the end.",
+            hub_model_id,
+        )
         return
     except Exception as e:  # noqa: BLE001 - any network failure means "unreachable", checked again at push time
         if getattr(getattr(e, "response", None), "status_code", None) == 401:
             raise ValueError("HF_TOKEN was rejected by the Hub (401): create a new token with write access.") from None
-        logger.warning("The Hub is unreachable (%s): write access to %s is checked at push time.", type(e).__name__, hub_model_id)
+        logger.warning(
+            "The Hub is unreachable (%s): write access to %s is checked at push time.", type(e).__name__, hub_model_id
+        )
         return
     names = {whoami.get("name")} | {org.get("name") for org in whoami.get("orgs", [])}
     role = (whoami.get("auth", {}).get("accessToken", {}) or {}).get("role")
     if owner not in names:
-        raise ValueError(f"The HF_TOKEN user {whoami.get('name')!r} cannot write to {owner!r} (member of: {sorted(n for n in names if n)}).")
+        raise ValueError(
+            f"The HF_TOKEN user {whoami.get('name')!r} cannot write to {owner!r} (member of: {sorted(n for n in names if n)})."
+        )
     if role == "read":
         raise ValueError("HF_TOKEN is a read-only token: the push at the end of training would fail.")
     logger.info("Hub write access to %s checked.", hub_model_id)

@@ -315,7 +315,9 @@ def tokenize_pair(row: dict, tokenizer) -> dict:
         full = [prompt_text + row[side] + tokenizer.eos_token for side in ("chosen", "rejected")]
     else:
         prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        full = [tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False) for side in ("chosen", "rejected")]
+        full = [
+            tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False) for side in ("chosen", "rejected")
+        ]
     # The chat template writes bos itself where the model wants one; never add it twice.
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     chosen_full, rejected_full = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in full)

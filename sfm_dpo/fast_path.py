@@ -51,7 +51,9 @@ def attach_reference_logps(model, dataset, script_args, training_args, model_arg
     budget = script_args.max_tokens_per_microbatch or 2 * training_args.max_length
     compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
     cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
-    key = reference_key(script_args, training_args, model_args, tokenizer, backend, torch.bfloat16 if use_bf16 else model.dtype)
+    key = reference_key(
+        script_args, training_args, model_args, tokenizer, backend, torch.bfloat16 if use_bf16 else model.dtype
+    )
     return ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
 
 

@@ -39,7 +39,8 @@ def summary_text(summary: dict) -> str:
     lines = [
         "Training finished.",
         f"  steps: {summary['global_step']} of {summary['max_steps']}",
-        f"  processes: {summary['world_size']}, " + (f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed"),
+        f"  processes: {summary['world_size']}, "
+        + (f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed"),
         f"  samples/s: {summary['train_samples_per_second']}, runtime: {summary['train_runtime_s']} s",
     ]
     for key, (first, last) in summary["first_and_last"].items():

@@ -77,7 +77,9 @@ def dolci_think_row(i: int, rng: random.Random, scale: int = 12) -> dict:
 
 def _instruct_message(role: str, content: str, turn: int) -> dict:
     message = dict.fromkeys(INSTRUCT_MESSAGE_KEYS)
-    message.update(role=role, content=content, header={"accept-language": None, "user-agent": None}, turn_identifier=turn)
+    message.update(
+        role=role, content=content, header={"accept-language": None, "user-agent": None}, turn_identifier=turn
+    )
     return message
 
 
@@ -90,7 +92,9 @@ def dolci_instruct_row(i: int, rng: random.Random, scale: int = 12, n_turns: int
     for turn in range(n_turns - 1):
         shared.append(_instruct_message("user", f"{_sentence(rng, _lengths(rng, scale // 2))}?", turn))
         shared.append(_instruct_message("assistant", _sentence(rng, _lengths(rng, scale)), turn))
-    shared.append(_instruct_message("user", f"{rng.choice(TOPICS)}: {_sentence(rng, _lengths(rng, scale // 2))}?", n_turns - 1))
+    shared.append(
+        _instruct_message("user", f"{rng.choice(TOPICS)}: {_sentence(rng, _lengths(rng, scale // 2))}?", n_turns - 1)
+    )
     body = _sentence(rng, _lengths(rng, scale))
     return {
         "prompt_id": f"instruct-{i}",

@@ -4,6 +4,7 @@ import logging
 import math
 
 import pytest
+
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from tests.conftest import REPO
 
@@ -29,7 +30,10 @@ def test_recipe_is_olmo3_dpo(recipe):
     max_length, max_prompt_length = RECIPES[recipe]
     assert args.beta == 5.0
     assert args.learning_rate == 1e-6
-    assert str(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type) == "linear"
+    assert (
+        str(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type)
+        == "linear"
+    )
     assert args.warmup_steps == 0.1 and args.get_warmup_steps(1000) == 100
     assert args.num_train_epochs == 1
     assert args.weight_decay == 0.0
@@ -103,7 +107,10 @@ def test_model_override_gives_per_model_output_and_hub_id():
     # No override: the recipe stands.
     _, args, model_args = parse("think")
     derive_run_names(model_args, args, model_args.model_name_or_path, ["--config", "configs/think.yaml"], log)
-    assert (args.output_dir, args.hub_model_id) == ("outputs/dpo", "geodesic-research/sfm-sft_dolci_think_unfiltered-DPO")
+    assert (args.output_dir, args.hub_model_id) == (
+        "outputs/dpo",
+        "geodesic-research/sfm-sft_dolci_think_unfiltered-DPO",
+    )
 
 
 def test_warmup_is_ten_percent():

@@ -63,7 +63,9 @@ def test_secrets_are_redacted_from_the_config_dump(clean_env):
 
 
 def test_disk_check_refuses_a_run_that_cannot_save(tmp_path):
-    with pytest.raises(OSError, match=r"GiB free but this run needs about .* checkpoints of .* GiB \(68600\.00B parameters\)"):
+    with pytest.raises(
+        OSError, match=r"GiB free but this run needs about .* checkpoints of .* GiB \(68600\.00B parameters\)"
+    ):
         check_disk_space(str(tmp_path), n_params=6_860_000_000 * 10_000, save_total_limit=2, save_only_model=False)
     check_disk_space(str(tmp_path), n_params=1000, save_total_limit=2, save_only_model=False)
     # ZeRO-2 + bf16: 2 bytes of weights + 12 of fp32 master weights and Adam moments per parameter.

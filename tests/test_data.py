@@ -48,7 +48,11 @@ def test_dolci_think_shape_normalizes():
 
 def test_dolci_instruct_multiturn_shape_normalizes():
     row = dolci_instruct_row(0, random.Random(0), n_turns=3)
-    assert len(row["chosen"]) == 6 and set(row["chosen"][0]) == set(INSTRUCT_MESSAGE_KEYS) and len(INSTRUCT_MESSAGE_KEYS) == 24
+    assert (
+        len(row["chosen"]) == 6
+        and set(row["chosen"][0]) == set(INSTRUCT_MESSAGE_KEYS)
+        and len(INSTRUCT_MESSAGE_KEYS) == 24
+    )
     out, _ = normalize_rows([row])
     expected_prompt = [{"role": m["role"], "content": m["content"]} for m in row["chosen"][:-1]]
     assert out[0]["prompt"] == expected_prompt
@@ -93,7 +97,10 @@ BAD_ROWS = {
     "non-string content": ({"chosen.1.content": 5}, r"chosen\[1\] has non-string content \(int\)"),
     "unknown role": ({"rejected.0.role": "tool"}, r"rejected\[0\] has unknown role 'tool'"),
     "no final assistant": ({"chosen.1.role": "user"}, r"'chosen' does not end with an assistant turn"),
-    "diverging prompts": ({"rejected.0.content": "another question"}, r"chosen and rejected diverge before their last turn \(at message 0\)"),
+    "diverging prompts": (
+        {"rejected.0.content": "another question"},
+        r"chosen and rejected diverge before their last turn \(at message 0\)",
+    ),
 }
 
 
@@ -101,7 +108,10 @@ BAD_ROWS = {
 def test_bad_rows_are_named(case, tmp_path):
     changes, message = BAD_ROWS[case]
     rows = [dolci_think_row(i, random.Random(i)) for i in range(3)] + [_think(**changes)]
-    with pytest.raises(InvalidDataError, match=rf"1 malformed row\(s\)(.|\n)*row 3 \(id='think-7'\) at .*rows.jsonl:4: (chosen and rejected )?{message}"):
+    with pytest.raises(
+        InvalidDataError,
+        match=rf"1 malformed row\(s\)(.|\n)*row 3 \(id='think-7'\) at .*rows.jsonl:4: (chosen and rejected )?{message}",
+    ):
         normalize_file(rows, tmp_path)
 
 
@@ -162,7 +172,12 @@ def test_sfm_chat_template_renders_exactly(tiny_tokenizer):
     assert tiny_tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
         "<|endoftext|><|user|>\nQ?\n<|assistant|>\n"
     )
-    multi = [{"role": "system", "content": "S"}, *messages, {"role": "user", "content": "R"}, {"role": "assistant", "content": "B"}]
+    multi = [
+        {"role": "system", "content": "S"},
+        *messages,
+        {"role": "user", "content": "R"},
+        {"role": "assistant", "content": "B"},
+    ]
     assert tiny_tokenizer.apply_chat_template(multi, tokenize=False) == (
         "<|endoftext|><|system|>\nS\n<|user|>\nQ?\n<|assistant|>\nA<|endoftext|>\n<|user|>\nR\n<|assistant|>\nB<|endoftext|>"
     )
@@ -171,7 +186,12 @@ def test_sfm_chat_template_renders_exactly(tiny_tokenizer):
 def test_chatml_template_renders_exactly(tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = CHATML_TEMPLATE
-    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}, {"role": "assistant", "content": "B"}]
+    messages = [
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "R"},
+        {"role": "assistant", "content": "B"},
+    ]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
         "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nR<|im_end|>\n"
         "<|im_start|>assistant\nB<|endoftext|>"
@@ -210,17 +230,29 @@ def test_eos_is_in_the_loss_although_pad_equals_eos(tiny_tokenizer):
     """bos = eos = pad = 0: a mask derived from the pad id would drop every eos (and bos) from the loss."""
     assert tiny_tokenizer.pad_token_id == tiny_tokenizer.eos_token_id == 0
     rows = [
-        tokenize_pair({"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": r}]}, tiny_tokenizer)
+        tokenize_pair(
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+            },
+            tiny_tokenizer,
+        )
         for q, c, r in [("Q?", "yes", "no"), ("a longer question here?", "good", "bad answer")]
     ]
     batch = DataCollatorForPreference(pad_token_id=0)(rows)
     for i, row in enumerate(rows):
         n_prompt, n_chosen = len(row["prompt_ids"]), len(row["chosen_ids"])
         mask = batch["completion_mask"][i]
-        assert mask[n_prompt + n_chosen - 1] == 1 and batch["input_ids"][i, n_prompt + n_chosen - 1] == 0  # eos counted
+        assert (
+            mask[n_prompt + n_chosen - 1] == 1 and batch["input_ids"][i, n_prompt + n_chosen - 1] == 0
+        )  # eos counted
         assert mask.sum() == n_chosen
         assert batch["attention_mask"][i, 0] == 1 and batch["input_ids"][i, 0] == 0  # bos attended
-    assert torch.equal(batch["completion_mask"].sum(1), torch.tensor([len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows]))
+    assert torch.equal(
+        batch["completion_mask"].sum(1),
+        torch.tensor([len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows]),
+    )
 
 
 def test_truncation_keeps_prompt_end_and_limits_pairs():
@@ -232,7 +264,9 @@ def test_truncation_keeps_prompt_end_and_limits_pairs():
     out = truncate_pair(ids, max_length=12, max_prompt_length=6, overlong_policy="drop")
     assert out["drop"] and out["drop_overlong"] and not out["pair_truncated"]
     out = truncate_pair(ids, max_length=30, max_prompt_length=None, overlong_policy="truncate")
-    assert out["prompt_ids"] == list(range(10)) and not (out["prompt_truncated"] or out["pair_truncated"] or out["drop"])
+    assert out["prompt_ids"] == list(range(10)) and not (
+        out["prompt_truncated"] or out["pair_truncated"] or out["drop"]
+    )
 
 
 def test_prepare_dataset_reports_counts(demo_assets, tiny_tokenizer):
@@ -244,7 +278,12 @@ def test_prepare_dataset_reports_counts(demo_assets, tiny_tokenizer):
     dataset, report = prepare_dataset(script_args, training_args, tiny_tokenizer)
     # Independent count from the raw token lengths the data step recorded.
     raw = [json.loads(line) for line in open(demo_assets["think"])][:64]
-    full = [tokenize_pair({"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}, tiny_tokenizer) for r in raw]
+    full = [
+        tokenize_pair(
+            {"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}, tiny_tokenizer
+        )
+        for r in raw
+    ]
     prompt_lengths = [min(len(f["prompt_ids"]), 20) for f in full]
     overlong = [p + max(len(f["chosen_ids"]), len(f["rejected_ids"])) > 80 for p, f in zip(prompt_lengths, full)]
     assert report.rows_read == 64

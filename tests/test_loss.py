@@ -33,7 +33,9 @@ def make_trainer(demo_assets, tokenizer, tmp_path, loss_type, perturb: float):
         beta=BETA, loss_type=loss_type, bf16=False,
     )  # fmt: skip
     dataset, _ = prepare_dataset(script_args, args, tokenizer)
-    trainer = SFMDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFMDPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.model.train()  # metrics go to the "train" bucket; TRL disabled dropout
     batch = trainer.data_collator([dataset[i] for i in range(4)])
     return trainer, policy, reference, batch
@@ -68,7 +70,9 @@ def test_loss_matches_hand_computation(demo_assets, tiny_tokenizer, tmp_path, lo
     assert metrics["rewards/margins"] == pytest.approx((BETA * (raw_chosen - raw_rejected)).mean().item(), rel=1e-4)
     norm_chosen, norm_rejected = ((policy_logps - ref_logps) / tokens).chunk(2)
     assert metrics["rewards_norm/chosen"] == pytest.approx((BETA * norm_chosen).mean().item(), rel=1e-4, abs=1e-6)
-    assert metrics["rewards_norm/margins"] == pytest.approx((BETA * (norm_chosen - norm_rejected)).mean().item(), rel=1e-4, abs=1e-6)
+    assert metrics["rewards_norm/margins"] == pytest.approx(
+        (BETA * (norm_chosen - norm_rejected)).mean().item(), rel=1e-4, abs=1e-6
+    )
     assert metrics["rewards_norm/accuracies"] == pytest.approx((norm_chosen > norm_rejected).double().mean().item())
 
 

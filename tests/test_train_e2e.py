@@ -32,7 +32,9 @@ def launch(demo_assets, output_dir: Path, *extra: str) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def first_run(demo_assets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("e2e") / "run"
-    result = launch(demo_assets, output_dir, "--max_steps", "6", "--push_to_hub", "true", "--hub_model_id", "test-org/tiny-DPO")
+    result = launch(
+        demo_assets, output_dir, "--max_steps", "6", "--push_to_hub", "true", "--hub_model_id", "test-org/tiny-DPO"
+    )
     return output_dir, result
 
 
@@ -43,7 +45,13 @@ def test_trains_under_deepspeed_zero2_and_saves(first_run, demo_assets):
     assert summary["deepspeed_zero_stage"] == 2, log[-3000:]
     assert summary["world_size"] == 2
     assert summary["global_step"] == 6
-    for name in ("model.safetensors", "tokenizer_config.json", "run_config.yaml", "data_report.json", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "tokenizer_config.json",
+        "run_config.yaml",
+        "data_report.json",
+        "trainer_state.json",
+    ):
         assert (output_dir / name).exists(), name
     assert (output_dir / "checkpoint-6" / "COMPLETE").exists()
     before = load_file(demo_assets["model"] / "model.safetensors")
@@ -64,7 +72,9 @@ def test_failed_push_keeps_the_model_and_fails_the_run(first_run):
 def test_no_secret_in_any_log_or_file(first_run):
     output_dir, result = first_run
     texts = [result.stdout, result.stderr]
-    texts += [p.read_text(errors="ignore") for p in output_dir.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    texts += [
+        p.read_text(errors="ignore") for p in output_dir.rglob("*") if p.is_file() and p.suffix != ".safetensors"
+    ]
     assert len(texts) > 5
     for value in SECRETS.values():
         assert not any(value in text for text in texts), value
