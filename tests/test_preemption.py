@@ -1,0 +1,142 @@
+"""PreemptionCallback: SIGUSR1 -> checkpoint at the next step end, stop, requeue marker; resume gives the same weights.
+
+Also the 2-rank DeepSpeed ZeRO-2 job (real `accelerate launch`, gloo on the CPU) that checks what only shows with
+several ranks: a signal that reaches one rank stops both at the same step, and a NaN loss on one rank skips the step
+(DeepSpeed's overflow check) on both. The full Slurm path (launcher, srun, requeue) is in test_slurm.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from sfm_dpo.checkpoints import is_complete, latest_complete_checkpoint
+from sfm_dpo.preemption import REQUEUE_MARKER_ENV, PreemptionCallback
+from tests.test_checkpoints import tiny_trainer, weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SignalAt(TrainerCallback):
+    """Sends SIGUSR1 to this process while optimizer step `step` (1-based) runs, as Slurm would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_usr1_checkpoints_stops_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    marker = tmp_path / "logs" / ".requeue-1"
+    monkeypatch.setenv(REQUEUE_MARKER_ENV, str(marker))
+    reference = tiny_trainer(tmp_path / "ref", max_steps=6, save_steps=100)
+    reference.train()
+
+    preemption = PreemptionCallback()
+    try:
+        first = tiny_trainer(tmp_path / "run", callbacks=[SignalAt(3), preemption], max_steps=6, save_steps=100)
+        first.train()
+    finally:
+        preemption.uninstall()
+    assert preemption.preempted and preemption.requested_by == "SIGUSR1"
+    assert first.state.global_step == 3
+    assert is_complete(tmp_path / "run" / "checkpoint-3")
+    assert marker.read_text() == "3\n"
+
+    checkpoint = latest_complete_checkpoint(tmp_path / "run")
+    assert checkpoint == str(tmp_path / "run" / "checkpoint-3")
+    second = tiny_trainer(tmp_path / "run", max_steps=6, save_steps=100)
+    second.train(resume_from_checkpoint=checkpoint)
+    assert second.state.global_step == 6
+    expected, got = weights(reference.model), weights(second.model)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_no_signal_no_preemption(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REQUEUE_MARKER_ENV, str(marker))
+    preemption = PreemptionCallback()
+    try:
+        trainer = tiny_trainer(tmp_path / "run", callbacks=[preemption], max_steps=3, save_steps=2)
+        trainer.train()
+    finally:
+        preemption.uninstall()
+    assert not preemption.preempted and trainer.state.global_step == 3
+    assert not marker.exists()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # uninstall restored pytest's handler
+
+
+TWO_RANKS = r"""
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch
+from transformers import TrainerCallback
+from sfm_dpo.preemption import PreemptionCallback
+from tests.test_checkpoints import GuardedTrainer, tiny_trainer, weights
+
+out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+
+class RankOnePoison(GuardedTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if rank == 1 and self.state.global_step + 1 == 2:  # NaN loss (and gradients) on rank 1, step 2
+            loss = loss * float("nan")
+        return loss
+
+class Probe(TrainerCallback):
+    snaps = {}
+    def on_step_begin(self, args, state, control, **kwargs):
+        if rank == 1 and state.global_step + 1 == 4:  # only rank 1 is signalled, during step 4
+            os.kill(os.getpid(), signal.SIGUSR1)
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.snaps[state.global_step] = weights(model)
+
+preemption, probe = PreemptionCallback(), Probe()
+trainer = tiny_trainer(out / "run", trainer_cls=RankOnePoison, callbacks=[probe, preemption], max_steps=8, save_steps=100)
+trainer.train()
+same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+engine = trainer.model_wrapped
+(out / f"rank{rank}.json").write_text(json.dumps({
+    "engine": type(engine).__name__,
+    "stage": engine.zero_optimization_stage(),
+    "nan_step_skipped": same(probe.snaps[2], probe.snaps[1]),
+    "next_step_trained": not same(probe.snaps[3], probe.snaps[2]),
+    "nonfinite_steps": trainer.nonfinite_steps,
+    "preempted": preemption.preempted,
+    "stopped_at": trainer.state.global_step,
+}))
+"""
+
+
+def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
+    env[REQUEUE_MARKER_ENV] = str(tmp_path / "marker")
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+            "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29541",
+            str(script), str(tmp_path), str(REPO),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert got["engine"] == "DeepSpeedEngine" and got["stage"] == 2, got
+        # DeepSpeed's overflow check skipped the step everywhere; our guard counted it on both ranks.
+        assert got["nan_step_skipped"] and got["next_step_trained"] and got["nonfinite_steps"] == 1, got
+        # Rank 0 never got the signal but stopped at the same step.
+        assert got["preempted"] and got["stopped_at"] == 4, got
+    assert is_complete(tmp_path / "run" / "checkpoint-4")
+    assert (tmp_path / "marker").read_text() == "4\n"
