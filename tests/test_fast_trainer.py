@@ -143,6 +143,17 @@ def test_precomputed_reference_logps_are_read_from_the_batch(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_padding_free_false_is_stock_trl(tmp_path):
+    """The comparison flag: padding_free=False gives stock TRL's padded collator and loss, attention untouched."""
+    rows = make_rows(4, seed=7)
+    stock = build(SFMDPOTrainer, tmp_path / "a", rows)
+    flagged = build(FastDPOTrainer, tmp_path / "b", rows, padding_free=False)
+    assert not flagged.packed and flagged.model.config._attn_implementation == "sdpa"
+    batch = flagged.data_collator(rows)
+    assert "attention_mask" in batch and batch["input_ids"].shape[0] == 8  # padded, chosen and rejected rows
+    torch.testing.assert_close(flagged.compute_loss(flagged.model, batch), stock.compute_loss(stock.model, batch))
+
+
 def test_unsupported_settings_fail_at_start(tmp_path):
     rows = make_rows(4)
     with pytest.raises(ValueError, match="ipo"):
