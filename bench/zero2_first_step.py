@@ -14,6 +14,7 @@ fp32 master weights and step 2's loss shows it: at 1e-6 the bf16 weights would n
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -46,8 +47,12 @@ def run(args) -> None:
     add_fused_lm_head(model)
 
     # Reference pass before the trainer: under ZeRO-2 the model is whole on each rank, already on its GPU, in the
-    # bf16 the DeepSpeed engine will run, so this forward is the training forward's.
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+    # bf16 the DeepSpeed engine will run. No autocast: accelerate does not autocast under DeepSpeed (native_amp is
+    # off, the engine runs the bf16 module as is), and the reference must see the training forward's numerics. The
+    # first GPU run used autocast here: step-1 rewards were not 0 and the loss 0.6972 instead of ln 2 (layer norms
+    # and softmax in fp32 under autocast, bf16 in the engine).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not deepspeed else None
     compute_fn = reference_logps_fn(model, state.device, max_tokens=args.token_budget, context=autocast)
     if cuda:
         torch.cuda.synchronize()
@@ -112,6 +117,10 @@ def run(args) -> None:
             "model_params": sum(p.numel() for p in model.parameters()), "world_size": state.num_processes,
             "engine": f"{type(engine).__name__} ZeRO-{stage}", "attn_backend": backend, "pairs_per_step": 32,
             "learning_rate": args.learning_rate, "losses": [h["loss"] for h in logs],
+            "microbatches_per_step": trainer.batch_sampler.microbatches_per_step,
+            # transformers without this attribute (5.17 on the GPU machine) divides the loss by the accumulation
+            # steps again: logged loss and gradient norm are then 1/microbatches_per_step of the true ones.
+            "trainer_honors_loss_is_scaled_for_ga": hasattr(type(trainer), "loss_is_scaled_for_ga"),
             "grad_norms": [h["grad_norm"] for h in logs], "step_times_s": times, "step_tokens": step_tokens,
             "ref_pass_s": ref_pass_s, "peak_mem_gib_per_rank": peaks,
             "train_tokens_per_s": sum(step_tokens[timed]) / seconds if seconds else None,
@@ -124,9 +133,17 @@ def run(args) -> None:
                                                  "train_tokens_per_s", "peak_mem_gib_per_rank")}))  # fmt: skip
 
 
-def compare(paths, out=None) -> int:
+def compare(paths, out=None, ga_override=None) -> int:
     """Step losses and gradient norms of the runs agree (bf16 tolerance: 2% on the norm, 1e-3 on the loss)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for run, ga in zip(runs, ga_override or [None] * len(runs)):
+        ga = ga or run.get("microbatches_per_step")
+        if not run.get("trainer_honors_loss_is_scaled_for_ga", False):
+            if ga is None:
+                raise ValueError(f"{run['command']}: loss divided by an unknown accumulation count; pass --ga.")
+            run["ga_correction"] = ga  # undo the Trainer's extra division by the accumulation steps
+            run["losses"] = [x * ga for x in run["losses"]]
+            run["grad_norms"] = [x * ga for x in run["grad_norms"]]
     base = runs[0]
     ok = True
     for other in runs[1:]:
@@ -158,9 +175,10 @@ def main() -> int:
     parser.add_argument("--out", default="zero2_first_step.json")
     parser.add_argument("--compare", nargs="+", help="compare these result files instead of running")
     parser.add_argument("--compare-out", default=None)
+    parser.add_argument("--ga", type=int, nargs="+", help="micro-batches per step of each compared run, if not stored")
     args = parser.parse_args()
     if args.compare:
-        return compare(args.compare, args.compare_out)
+        return compare(args.compare, args.compare_out, args.ga)
     args.pairs = args.pairs or 32 * args.steps
     run(args)
     return 0
