@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from trl.trainer.utils import add_fused_lm_head
 
 from . import ref_cache
@@ -25,8 +27,7 @@ FORWARD_VERSION = 1
 def reference_key(script_args, training_args, model_args, tokenizer, backend: str, dtype) -> dict:
     """Everything the reference log-probs depend on besides the token ids (which ref_cache fingerprints itself)."""
     return {
-        "model": model_args.model_name_or_path,
-        "revision": model_args.model_revision,
+        **ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision),
         "dtype": str(dtype),
         "attn_backend": backend,
         "max_length": training_args.max_length,
@@ -43,17 +44,22 @@ def attach_reference_logps(model, dataset, script_args, training_args, model_arg
     checkpoint's weights are loaded later, by `train()`), so recomputing stays correct."""
     state = PartialState()
     device = state.device
+    # The reference values must come from the very numerics of the training forward, or step 0 is not ln 2: under
+    # DeepSpeed bf16 the engine casts the module to bf16 and accelerate does not autocast; otherwise the Trainer runs
+    # the forward under bf16 autocast (fp32 layer norms and softmax).
+    deepspeed = state.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and training_args.bf16:
+        model.to(torch.bfloat16)
     model.to(device)
     apply_backend(model, backend)
     add_fused_lm_head(model)
-    use_bf16 = training_args.bf16 and device.type != "cpu"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    use_autocast = training_args.bf16 and not deepspeed and device.type != "cpu"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     budget = script_args.max_tokens_per_microbatch or 2 * training_args.max_length
     compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
     cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
-    key = reference_key(
-        script_args, training_args, model_args, tokenizer, backend, torch.bfloat16 if use_bf16 else model.dtype
-    )
+    precision = f"{model.dtype}{'+autocast-bf16' if use_autocast else ''}"
+    key = reference_key(script_args, training_args, model_args, tokenizer, backend, precision)
     return ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
 
 
@@ -67,6 +73,12 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
     if not training_args.padding_free:
         logger.info("--padding_free false: stock TRL padded batches with a reference model (for comparison).")
         return SFMDPOTrainer(model=model, train_dataset=train_dataset, **common)
+    if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
+        # Older Trainers divide the (already step-scaled) packed loss by the accumulation steps once more.
+        raise RuntimeError(
+            f"The fast path needs transformers >= 5.20 (found {transformers.__version__}); upgrade, or pass "
+            "--padding_free false for the stock path."
+        )
     dtype = torch.bfloat16 if training_args.bf16 else model.dtype
     backend = select_backend(script_args.attn_backend, PartialState().device, dtype)
     if training_args.precompute_ref_log_probs:

@@ -154,21 +154,23 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     if arch == "gpt_neox":
-        config = GPTNeoXConfig(
+        defaults = dict(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
             rotary_pct=0.25, use_parallel_residual=True, attention_bias=True, max_position_embeddings=16384,
-            **{**common, **overrides},
         )  # fmt: skip
+        config = GPTNeoXConfig(**{**defaults, **common, **overrides})
     elif arch == "olmo3":
-        config = Olmo3Config(
+        defaults = dict(
             hidden_size=16, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
-            sliding_window=8, max_position_embeddings=16384, **{**common, **overrides},
+            sliding_window=8, max_position_embeddings=16384,
         )  # fmt: skip
+        config = Olmo3Config(**{**defaults, **common, **overrides})
     elif arch == "llama":
-        config = LlamaConfig(
+        defaults = dict(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
-            max_position_embeddings=16384, **{**common, **overrides},
+            max_position_embeddings=16384,
         )  # fmt: skip
+        config = LlamaConfig(**{**defaults, **common, **overrides})
     else:
         raise ValueError(f"Unknown tiny architecture {arch!r}; expected gpt_neox, olmo3 or llama.")
     return config

@@ -5,6 +5,7 @@ exit code says so. A second run resumes from the newest complete checkpoint. Fak
 the whole time and must appear in no log and no file (trl test_dpo_trainer::test_train, torchtune recipe tests).
 """
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_trains_under_deepspeed_zero2_and_saves(first_run, demo_assets):
     assert summary["deepspeed_zero_stage"] == 2, log[-3000:]
     assert summary["world_size"] == 2
     assert summary["global_step"] == 6
+    # The fast path's cached reference log-probs equal the training forward's: the policy starts as the reference, so
+    # the first logged loss (steps 1-2; the warm-up's first step has learning rate 0) is ln 2 and the margins 0.
+    first_loss, last_loss = summary["first_and_last"]["loss"]
+    assert first_loss == pytest.approx(math.log(2), abs=1e-4)
+    assert summary["first_and_last"]["rewards_norm/margins"][0] == pytest.approx(0.0, abs=1e-4)
+    assert last_loss < first_loss
     for name in (
         "model.safetensors",
         "tokenizer_config.json",
