@@ -17,6 +17,20 @@ from sfm_dpo.trainer import SFMDPOTrainer
 BETA = 5.0
 
 
+@pytest.fixture(scope="module")
+def olmo3_assets(tmp_path_factory, demo_assets):
+    """A tiny OLMo-3-layout model (sliding window on 3 of 4 layers) with the OLMo 3 ChatML template."""
+    from sfm_dpo.chat_templates import CHATML_TEMPLATE
+    from sfm_dpo.tiny import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("olmo3") / "tiny-olmo3"
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    build_tiny_model("olmo3", len(tokenizer), out_dir=folder)
+    return {"model": folder, "think": demo_assets["think"], "tokenizer": tokenizer}
+
+
 def make_trainer(demo_assets, tokenizer, tmp_path, loss_type, perturb: float):
     policy = AutoModelForCausalLM.from_pretrained(demo_assets["model"], dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(demo_assets["model"], dtype=torch.float32)
@@ -50,9 +64,18 @@ def summed_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (logps * mask).sum(1), mask.sum(1)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm"])
-def test_loss_matches_hand_computation(demo_assets, tiny_tokenizer, tmp_path, loss_type):
-    trainer, policy, reference, batch = make_trainer(demo_assets, tiny_tokenizer, tmp_path, loss_type, perturb=0.05)
+@pytest.mark.parametrize(
+    ("arch", "loss_type"), [("gpt_neox", "sigmoid"), ("gpt_neox", "sigmoid_norm"), ("olmo3", "sigmoid_norm")]
+)
+def test_loss_matches_hand_computation(demo_assets, olmo3_assets, tiny_tokenizer, tmp_path, arch, loss_type):
+    assets, tokenizer = (
+        (demo_assets, tiny_tokenizer) if arch == "gpt_neox" else (olmo3_assets, olmo3_assets["tokenizer"])
+    )
+    trainer, policy, reference, batch = make_trainer(assets, tokenizer, tmp_path, loss_type, perturb=0.05)
+    if arch == "olmo3":  # the ChatML prompt really reached the model, and the pairs exceed the window of 8
+        assert (
+            batch["input_ids"].shape[1] > 8 and tokenizer.convert_tokens_to_ids("<|im_start|>") in batch["input_ids"]
+        )
     loss = trainer.compute_loss(trainer.model, batch).item()
 
     policy_logps, tokens = summed_logps(policy, batch)
