@@ -101,7 +101,9 @@ class Probe(TrainerCallback):
         self.snaps[state.global_step] = weights(model)
 
 preemption, probe = PreemptionCallback(), Probe()
-trainer = tiny_trainer(out / "run", trainer_cls=RankOnePoison, callbacks=[probe, preemption], max_steps=8, save_steps=100)
+trainer = tiny_trainer(
+    out / "run", trainer_cls=RankOnePoison, callbacks=[probe, preemption], max_steps=8, save_steps=100
+)
 trainer.train()
 same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
 engine = trainer.model_wrapped
@@ -128,7 +130,7 @@ def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
             "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29541",
             str(script), str(tmp_path), str(REPO),
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,  # ranks that disagree hang
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
