@@ -142,3 +142,38 @@ def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
         assert got["preempted"] and got["stopped_at"] == 4, got
     assert is_complete(tmp_path / "run" / "checkpoint-4")
     assert (tmp_path / "marker").read_text() == "4\n"
+
+
+def test_local_launcher_stops_on_usr1_and_exits_for_a_rerun(demo_assets, tmp_path):
+    """Without Slurm (`bash scripts/launch.sh demo`): SIGUSR1 to the launcher -> complete checkpoint, exit 75."""
+    output_dir = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ACCELERATE_USE_CPU"))}
+    proc = subprocess.Popen(
+        [
+            "bash", "scripts/launch.sh", "demo", "--model_name_or_path", str(demo_assets["model"]),
+            "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir),
+            "--save_steps", "1000", "--logging_steps", "1",
+        ],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "'loss'" in line:  # training runs: preempt it
+                proc.send_signal(signal.SIGUSR1)
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    assert proc.returncode == 75, log[-5000:]  # sfm_dpo.preemption.REQUEUE_EXIT_CODE
+    summary = [line for line in lines if "PREEMPTED: checkpoint at step" in line]
+    assert len(summary) == 1 and "run the same command again to resume" in summary[0], log[-5000:]
+    step = int(summary[0].split("step ")[1].split()[0])
+    assert is_complete(output_dir / f"checkpoint-{step}")
+    assert latest_complete_checkpoint(output_dir) == str(output_dir / f"checkpoint-{step}")
+    assert not (output_dir / "model.safetensors").exists()  # no final save for a preempted run
+    assert "ChildFailedError" not in log
