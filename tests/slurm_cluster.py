@@ -100,7 +100,7 @@ class SlurmCluster:
                 slurmd_port=_free_port(),
                 cpus=self.cpus,
                 gpus=FAKE_GPUS,
-                first_job_id=random.randrange(100_000, 60_000_000),
+                first_job_id=random.SystemRandom().randrange(100_000, 60_000_000),  # the tests seed `random`
             )
         )
         self._spawn(
@@ -177,12 +177,17 @@ class SlurmCluster:
                 return value
         return None
 
-    def release_when_pending(self, job_id: str, timeout: float = 60) -> None:
-        """A requeued job waits about 2 minutes (BeginTime) before it runs again; start it now. Slurm accepts that
-        only once the job shows PENDING (doing it in the same second as the requeue failed the job)."""
-        self._wait_for(lambda: self.job_field(job_id, "JobState") == "PENDING", f"job {job_id} PENDING", timeout)
-        time.sleep(1)
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    def release_requeued(self, job_id: str, timeout: float = 120) -> None:
+        """Wait for the job's requeue; if it then waits (BeginTime, about 2 minutes), start it now. Slurm accepts
+        that only once the job shows PENDING (doing it in the same second as the requeue failed the job); a requeued
+        job that starts at once needs nothing."""
+        self._wait_for(lambda: int(self.job_field(job_id, "Restarts") or 0) >= 1, f"job {job_id} requeued", timeout)
+        deadline = time.monotonic() + timeout
+        while self.job_field(job_id, "JobState") == "PENDING":
+            assert time.monotonic() < deadline, f"job {job_id} still PENDING after {timeout} s:\n{self.logs()}"
+            time.sleep(1)
+            self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+            time.sleep(1)
 
 
 @pytest.fixture(scope="session")

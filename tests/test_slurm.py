@@ -114,7 +114,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, demo_assets, 
         assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
         time.sleep(0.5)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    slurm_cluster.release_when_pending(job_id)
+    slurm_cluster.release_requeued(job_id)
     rc, log = finish(proc, job_id)
 
     assert rc == 0, log
