@@ -183,11 +183,15 @@ class SlurmCluster:
         job that starts at once needs nothing."""
         self._wait_for(lambda: int(self.job_field(job_id, "Restarts") or 0) >= 1, f"job {job_id} requeued", timeout)
         deadline = time.monotonic() + timeout
-        while self.job_field(job_id, "JobState") == "PENDING":
-            assert time.monotonic() < deadline, f"job {job_id} still PENDING after {timeout} s:\n{self.logs()}"
-            time.sleep(1)
-            self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-            time.sleep(1)
+        while True:  # REQUEUED / COMPLETING while the first life is torn down, then PENDING, then RUNNING
+            state = self.job_field(job_id, "JobState")
+            if state in (None, "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                return
+            assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s:\n{self.logs()}"
+            if state == "PENDING":
+                time.sleep(1)
+                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

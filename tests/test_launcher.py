@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:  # other test sessions may share this machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 LAUNCH = REPO / "scripts" / "launch.sh"
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_GPUS_ON_NODE")
 
@@ -163,7 +172,7 @@ def test_node_task_forwards_usr1_to_workers_and_survives(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     cmd = (
         f"accelerate launch --config_file accelerate_config.yaml --num_processes 2 --num_machines 1 "
-        f"--main_process_port 29533 {tmp_path}/worker.py {tmp_path} 6"
+        f"--main_process_port {_free_port()} {tmp_path}/worker.py {tmp_path} 6"
     )
     proc = subprocess.Popen(
         ["bash", str(LAUNCH), "--node-task", cmd], cwd=REPO, env=_env(PREEMPT_RESEND_S="2"), text=True,

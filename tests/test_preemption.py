@@ -8,6 +8,7 @@ several ranks: a signal that reaches one rank stops both at the same step, and a
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ from sfm_dpo.preemption import REQUEUE_MARKER_ENV, PreemptionCallback
 from tests.test_checkpoints import tiny_trainer, weights
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:  # other test sessions may share this machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class SignalAt(TrainerCallback):
@@ -127,7 +134,7 @@ def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-            "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29541",
+            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
             str(script), str(tmp_path), str(REPO),
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,  # ranks that disagree hang
