@@ -164,13 +164,14 @@ if [[ -z "${MASTER_PORT:-}" ]]; then
     MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 fi
 
-# Python answers questions about the recipe: the output dir after the per-model derivation (--model_name_or_path
-# ORG/NAME -> outputs/dpo/NAME), parsed exactly as train_dpo.py will. A bad config fails here, before srun.
-OUTPUT_DIR=$(
+# Python answers questions about the recipe, parsed exactly as train_dpo.py will: the output dir after the per-model
+# derivation (--model_name_or_path ORG/NAME -> outputs/dpo/NAME) and whether it runs on the CPU (use_cpu). A bad
+# config fails here, before srun.
+probe=$(
     python - "$RECIPE" "$@" <<'EOF'
 import logging
-import warnings
 import sys
+import warnings
 
 sys.argv = ["train_dpo.py", "--config", f"configs/{sys.argv[1]}.yaml", *sys.argv[2:]]
 import torch  # noqa: E402
@@ -181,14 +182,25 @@ from sfm_dpo.config import derive_run_names, make_parser  # noqa: E402
 logging.disable(logging.WARNING)
 warnings.simplefilter("ignore")  # the header is what we print here; train_dpo.py warns itself
 argv = sys.argv[1:]
-# This host may have no GPU (a dry run, a CPU batch node): parse as if on the CPU so bf16 validation passes. Only the
-# output_dir and parse errors are used from here.
-extra = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv + extra)
+try:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    use_cpu = training_args.use_cpu
+except ValueError as error:
+    # This host has no GPU (a dry run, a CPU batch node) and the recipe wants bf16 on GPUs: parse as on the CPU
+    # to get the output dir; the launcher decides whether that is an error.
+    if torch.cuda.is_available() or "bf16" not in str(error):
+        raise
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv + ["--use_cpu", "true"])
+    use_cpu = False
 derive_run_names(model_args, training_args, train_dpo.recipe_model(argv), argv, logging.getLogger("launch"))
 print(training_args.output_dir)
+print(int(use_cpu))
 EOF
 ) || die "configs/$RECIPE.yaml with arguments [$*] does not parse (error above); nothing was launched"
+OUTPUT_DIR=$(sed -n 1p <<<"$probe")
+if [[ "$DEVICE" == CPU && "$(sed -n 2p <<<"$probe")" != 1 ]]; then
+    die "no usable GPU here, and configs/$RECIPE.yaml trains on GPUs (use_cpu false): run on a GPU node, or pass --use_cpu true --bf16 false (as configs/demo.yaml does)"
+fi
 
 export SFM_REQUEUE_MARKER="$REPO/logs/.requeue-${SLURM_JOB_ID:-local-$$}"
 rm -f "$SFM_REQUEUE_MARKER" # a requeued job has the same id: only this run's marker counts

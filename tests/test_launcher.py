@@ -149,6 +149,10 @@ def test_unknown_recipe_and_bad_arguments_fail_before_launching():
     assert result.returncode != 0
     assert "does not parse" in result.stderr and "--learning_rat" in result.stderr
     assert "RUN:" not in result.stdout
+    # A GPU recipe on a host without a usable GPU: refused up front, not a traceback from inside the launch.
+    result = dry_run("think")
+    assert result.returncode != 0 and "RUN:" not in result.stdout
+    assert "no usable GPU here, and configs/think.yaml trains on GPUs (use_cpu false)" in result.stderr
 
 
 WORKER = """
