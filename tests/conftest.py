@@ -14,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # DeepSpeed compiles its CPU shm op once; keep it across tests and runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs .venv/bin/python without activating the venv: the tests' `accelerate` and `torchrun` come from it.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_addoption(parser):
