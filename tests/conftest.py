@@ -18,6 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
+def _remove_stale_extension_locks(max_age_s: float = 600) -> None:
+    """A compile of DeepSpeed's CPU op that was killed leaves its `lock` file, and every later run then waits on it
+    forever; no compile takes minutes, so an old lock is a dead one."""
+    import time
+
+    for lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/*/lock"):
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink(missing_ok=True)
+
+
+_remove_stale_extension_locks()
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
 
