@@ -169,11 +169,16 @@ def _check_text(value, name: str) -> str:
     return value
 
 
-def _split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Full conversations sharing all but their final assistant turn -> (prompt, [chosen turn], [rejected turn])."""
+def _check_ends_with_assistant(chosen: list[dict], rejected: list[dict]) -> None:
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":
             raise _RowFault(f"'{name}' does not end with an assistant turn (last role: {messages[-1]['role']})")
+
+
+def _split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Full conversations sharing all but their final assistant turn -> (prompt, [chosen turn], [rejected turn])."""
+    _check_ends_with_assistant(chosen, rejected)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if len(messages) < 2:
             raise _RowFault(f"'{name}' has no prompt turn before its assistant turn")
     shared = min(len(chosen), len(rejected)) - 1
@@ -211,9 +216,7 @@ def normalize_row(row: dict, fmt: str) -> dict:
     rejected = _check_messages(row.get("rejected"), "rejected")
     if fmt == "conversational":
         prompt = _check_messages(row.get("prompt"), "prompt")
-        for name, messages in (("chosen", chosen), ("rejected", rejected)):
-            if messages[-1]["role"] != "assistant":
-                raise _RowFault(f"'{name}' does not end with an assistant turn (last role: {messages[-1]['role']})")
+        _check_ends_with_assistant(chosen, rejected)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if "prompt" in row and row["prompt"] is not None and not isinstance(row["prompt"], str):
         raise _RowFault(f"'prompt' must be a string, got {type(row['prompt']).__name__}")
