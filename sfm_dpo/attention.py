@@ -308,6 +308,15 @@ def select_backend(
     raise RuntimeError(f"No packed attention backend works on {device} in {dtype}: {reasons}")
 
 
+def select_backend_for_model(requested: str, model, args) -> str:
+    """`select_backend` for this model's head_dim on the training device, in the training dtype (bf16/fp16 under
+    mixed precision). The reference pass and the trainer both call it, so they choose the same backend."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.dtype
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return select_backend(requested, args.device, dtype, head_dim=head_dim)
+
+
 def apply_backend(model, backend: str) -> None:
     """Points `model` (a transformers PreTrainedModel) at `backend`'s registered attention implementation."""
     register_backends()

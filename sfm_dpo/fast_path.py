@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from trl.trainer.utils import add_fused_lm_head
 
 from . import ref_cache
-from .attention import apply_backend, select_backend
+from .attention import apply_backend, select_backend_for_model
 from .fast_trainer import FastDPOTrainer
 from .packing import reference_logps_fn
 from .trainer import SFMDPOTrainer
@@ -79,8 +79,7 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
             f"The fast path needs transformers >= 5.20 (found {transformers.__version__}); upgrade, or pass "
             "--padding_free false for the stock path."
         )
-    dtype = torch.bfloat16 if training_args.bf16 else model.dtype
-    backend = select_backend(script_args.attn_backend, PartialState().device, dtype)
+    backend = select_backend_for_model(script_args.attn_backend, model, training_args)
     if training_args.precompute_ref_log_probs:
         train_dataset = attach_reference_logps(
             model, train_dataset, script_args, training_args, model_args, tokenizer, backend

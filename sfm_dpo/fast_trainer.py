@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from trl.models.utils import disable_gradient_checkpointing
 
-from .attention import apply_backend, select_backend
+from .attention import apply_backend, select_backend_for_model
 from .packing import (
     REF_COLUMNS,
     PackedPreferenceCollator,
@@ -105,11 +105,7 @@ class FastDPOTrainer(SFMDPOTrainer):
         if max_tokens_per_microbatch is not None and max_tokens_per_microbatch < 1:
             raise ValueError(f"max_tokens_per_microbatch must be positive, got {max_tokens_per_microbatch}.")
 
-        # Which attention works here, on the training device in the training dtype (bf16/fp16 under mixed precision).
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.dtype
-        config = model.config.get_text_config()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.attn_backend = select_backend(attn_backend, args.device, dtype, head_dim=head_dim)
+        self.attn_backend = select_backend_for_model(attn_backend, model, args)
         apply_backend(model, self.attn_backend)
         if ref_model is not None:
             apply_backend(ref_model, self.attn_backend)
