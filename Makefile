@@ -35,7 +35,7 @@ style: setup
 quality: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	shellcheck scripts/*.sh scripts/sites/*.sh
+	$(BIN)/shellcheck scripts/*.sh scripts/sites/*.sh
 
 clean:
 	rm -rf outputs/demo outputs/demo_assets .cache

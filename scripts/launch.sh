@@ -253,7 +253,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 
 PREEMPTED_AT=
-# shellcheck disable=SC2317  # invoked by the trap
+# shellcheck disable=SC2317,SC2329  # invoked by the trap (the code differs between shellcheck versions)
 forward_preemption() {
     PREEMPTED_AT=$(date +%H:%M:%S)
     log "SIGUSR1: asking training to save a checkpoint at the next step and stop"
