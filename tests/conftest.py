@@ -23,7 +23,7 @@ def _remove_stale_extension_locks(max_age_s: float = 600) -> None:
     forever; no compile takes minutes, so an old lock is a dead one."""
     import time
 
-    for lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/*/lock"):
+    for lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("**/lock"):
         if time.time() - lock.stat().st_mtime > max_age_s:
             lock.unlink(missing_ok=True)
 
