@@ -76,6 +76,13 @@ class ScriptArguments(trl.ScriptArguments):
             "data needs. None: per_device_train_batch_size pairs per micro-batch, packed."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Fast path: torch.compile each decoder layer (fuses norms, rotary, activation and casts around the "
+            "matmuls; sfm_dpo/kernels.py). Costs a minute of compilation at start-up, pays on GPUs."
+        },
+    )
     ref_cache_dir: str | None = field(
         default=None,
         metadata={

@@ -15,6 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 from . import ref_cache
 from .attention import apply_backend, select_backend_for_model
 from .fast_trainer import FastDPOTrainer
+from .kernels import compile_decoder_layers
 from .packing import reference_logps_fn
 from .trainer import SFMDPOTrainer
 
@@ -30,6 +31,7 @@ def reference_key(script_args, training_args, model_args, tokenizer, backend: st
         **ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision),
         "dtype": str(dtype),
         "attn_backend": backend,
+        "compiled_layers": script_args.compile_layers,
         "max_length": training_args.max_length,
         "max_prompt_length": script_args.max_prompt_length,
         "overlong_policy": script_args.overlong_policy,
@@ -80,6 +82,9 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
             "--padding_free false for the stock path."
         )
     backend = select_backend_for_model(script_args.attn_backend, model, training_args)
+    if script_args.compile_layers:
+        # Before the reference pass, so that it runs the training forward's very kernels (and is faster too).
+        compile_decoder_layers(model)
     if training_args.precompute_ref_log_probs:
         train_dataset = attach_reference_logps(
             model, train_dataset, script_args, training_args, model_args, tokenizer, backend

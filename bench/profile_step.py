@@ -1,0 +1,152 @@
+"""Where the fast path's time goes, one model, no Trainer: packed training micro-batches (forward + backward) and
+reference micro-batches (no-grad forward), per kernel variant, with the top CUDA kernels of each (GPU only).
+
+    python bench/profile_step.py --arch gpt_neox_1.4b --variants eager,compile --ref-budgets 16384,65536
+
+Variants: `eager` (the packed forward as the trainer runs it without kernel work), `compile`
+(`sfm_dpo.kernels.compile_decoder_layers`), `liger` (Liger-Kernel's OLMo-3 RoPE/RMSNorm/SwiGLU, when installed),
+`liger+compile`. Each variant builds a fresh model (bf16, varlen attention, TRL's fused LM head) and runs under bf16
+autocast, as bench_dpo.py's fast path does. Prints real tokens/s, MFU (6N train, 2N reference) and peak memory, and
+writes a JSON to --out.
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from synthetic import ARCHS, build_model, synthetic_dataset  # noqa: E402
+
+from sfm_dpo.attention import apply_backend  # noqa: E402
+from sfm_dpo.kernels import compile_decoder_layers  # noqa: E402
+from sfm_dpo.packing import group_by_tokens, pack_pairs, packed_forward, pair_tokens  # noqa: E402
+
+PEAK_FLOPS = 989e12
+
+
+def micro_batches(arch: str, budget: int, n_batches: int, max_length: int, seed: int = 0) -> list[dict]:
+    """`n_batches` packed micro-batches of at most `budget` tokens (a longer pair alone) on the GPU."""
+    n_pairs = 8 + n_batches * budget // 3000  # a pair is ~6,500 tokens on average at max_length 8192
+    rows = synthetic_dataset(n_pairs, ARCHS[arch]["vocab_size"], max_length, seed=seed).to_list()
+    random.Random(seed).shuffle(rows)
+    groups = group_by_tokens([pair_tokens(r) for r in rows], budget)
+    return [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in pack_pairs([rows[i] for i in g]).items()}
+            for g in groups[:n_batches]]  # fmt: skip
+
+
+def build(arch: str, variant: str, grad_ckpt: bool):
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = build_model(arch, "cuda")
+    apply_backend(model, "varlen")
+    if "liger" in variant:
+        from liger_kernel.transformers import apply_liger_kernel_to_olmo3
+
+        apply_liger_kernel_to_olmo3(fused_linear_cross_entropy=False, model=model)
+    add_fused_lm_head(model)
+    if "compile" in variant:
+        compile_decoder_layers(model)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
+def run(model, batches, train: bool, warmup: int) -> tuple[float, int]:
+    """Seconds and real tokens of `batches[warmup:]`."""
+    model.train(train)
+    seconds, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+            logps, _ = packed_forward(model, batch)
+        if train:
+            logps.sum().backward()
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            seconds += time.perf_counter() - start
+            tokens += batch["input_ids"].shape[1]
+    return seconds, tokens
+
+
+def kernel_table(model, batches, train: bool, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train(train)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+                logps, _ = packed_forward(model, batch)
+            if train:
+                logps.sum().backward()
+                model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="gpt_neox_1.4b")
+    parser.add_argument("--variants", default="eager,compile")
+    parser.add_argument("--budget", type=int, default=16384, help="training micro-batch tokens")
+    parser.add_argument("--ref-budgets", default="16384", help="comma list: reference micro-batch tokens")
+    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--batches", type=int, default=10, help="timed micro-batches per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument("--profile-rows", type=int, default=18)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    n = args.warmup + args.batches
+    ref_budgets = [int(b) for b in args.ref_budgets.split(",")]
+    train_batches = micro_batches(args.arch, args.budget, n, args.max_length)
+    for variant in args.variants.split(","):
+        model = build(args.arch, variant, args.grad_ckpt)
+        n_params = sum(p.numel() for p in model.parameters())
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        seconds, tokens = run(model, train_batches, True, args.warmup)
+        record = {"variant": variant, "arch": args.arch, "n_params": n_params, "grad_ckpt": args.grad_ckpt,
+                  "train_budget": args.budget, "train_tokens_per_s": tokens / seconds,
+                  "train_mfu": 6 * n_params * tokens / seconds / PEAK_FLOPS,
+                  "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                  "train_first_batches_s": time.perf_counter() - start - seconds}  # fmt: skip
+        for budget in ref_budgets:
+            n_ref = args.warmup + max(3, args.batches * args.budget // budget)
+            ref_batches = micro_batches(args.arch, budget, n_ref, args.max_length, seed=1)
+            torch.cuda.reset_peak_memory_stats()
+            seconds, tokens = run(model, ref_batches, False, args.warmup)
+            record[f"ref_tokens_per_s@{budget}"] = tokens / seconds
+            record[f"ref_mfu@{budget}"] = 2 * n_params * tokens / seconds / PEAK_FLOPS
+            record[f"ref_peak_gib@{budget}"] = torch.cuda.max_memory_allocated() / 2**30
+        best_ref = max(record[f"ref_tokens_per_s@{b}"] for b in ref_budgets)
+        record["both_tokens_per_s"] = 1 / (1 / record["train_tokens_per_s"] + 1 / best_ref)
+        print(json.dumps(record), flush=True)
+        print(f"--- {variant}: training micro-batches (forward + backward), top CUDA kernels")
+        print(kernel_table(model, train_batches[-2:], True, args.profile_rows), flush=True)
+        print(f"--- {variant}: reference micro-batches (no-grad forward), top CUDA kernels")
+        print(kernel_table(model, ref_batches[-2:], False, args.profile_rows // 2), flush=True)
+        results.append(record)
+        del model
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "command": " ".join(sys.argv), "results": results}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Kernel-level speed-ups of the packed forward (issue 6): each decoder layer compiled by `torch.compile`.
+
+Between its matmuls and the attention kernel, an eager decoder layer runs a dozen memory-bound kernels per token block
+(layer norm in float32 under autocast, rotary embedding with its float32 cos/sin, bias + GELU or SwiGLU, residual
+adds, dtype casts). Inductor fuses them. We compile each layer, not the whole model: the packed row's length, its
+sequence count and its longest sequence change with every micro-batch, and a layer's graph is small, compiles in
+seconds and is shared by all layers of the same kind (dynamo's `inline_inbuilt_nn_modules` makes parameters graph
+inputs, so one graph serves every layer). `nn.Module.compile` keeps the module and its state-dict keys as they are,
+so checkpoints, DeepSpeed and the final save see the plain model.
+
+The attention function stays inside the graph: torch's `varlen_attn` is a custom op with a fake implementation; flash
+attention 2 and our sdpa/flex references are traced or break the graph on their own.
+"""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Distinct graphs per layer code: full and sliding-window layers, training and no-grad, with and without
+# recompute; room to spare before dynamo gives up and runs a layer eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (`model.<base_model_prefix>.layers`)."""
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layers at .{model.base_model_prefix}.layers to compile; pass "
+            "--compile_layers false."
+        )
+    return layers
+
+
+def compile_decoder_layers(model) -> int:
+    """Compiles every decoder layer of `model` in place (dynamic shapes). Returns how many were compiled; calling it
+    again is a no-op."""
+    layers = decoder_layers(model)
+    if all(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers):
+        return 0
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    logger.info(
+        "Compiled %d decoder layers (%s) with torch.compile(dynamic=True).", len(layers), type(layers[0]).__name__
+    )
+    return len(layers)
