@@ -250,7 +250,8 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
     if args.compile_layers:
         compile_decoder_layers(model)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
-    compute_fn = reference_logps_fn(model, device, max_tokens=args.token_budget, context=autocast)
+    ref_budget = args.ref_token_budget or 4 * args.token_budget  # as sfm_dpo.fast_path.REF_BUDGET_FACTOR
+    compute_fn = reference_logps_fn(model, device, max_tokens=ref_budget, context=autocast)
     start = _sync_now()
     if args.compile_layers:  # compile the no-grad graph outside the timed pass: once per run, not per token
         compute_fn([{k: dataset[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
@@ -258,7 +259,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
     start = _sync_now()
     with tempfile.TemporaryDirectory() as cache:
         dataset = ref_cache.load_or_compute(dataset, compute_fn, cache, {"bench": args.arch, "seed": args.seed},
-                                            PartialState(cpu=not cuda), token_budget=args.token_budget)  # fmt: skip
+                                            PartialState(cpu=not cuda), token_budget=ref_budget)  # fmt: skip
     ref_pass_s = _sync_now() - start
     ref_peak = peak_memory_gib()
 
@@ -299,7 +300,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
         "ref_pass_s": ref_pass_s, "ref_pass_tokens": ref_tokens, "ref_pass_pairs": len(dataset),
         "ref_pass_peak_mem_gib": ref_peak, "attn_implementation": backend,
         "gradient_checkpointing": args.fast_grad_ckpt, "token_budget": args.token_budget,
-        "compile_layers": args.compile_layers, "ref_compile_s": compile_s,
+        "compile_layers": args.compile_layers, "ref_compile_s": compile_s, "ref_token_budget": ref_budget,
         "micro_batches_per_step": micro,
     }  # fmt: skip
 
@@ -415,6 +416,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument("--ref-token-budget", type=int, default=None, help="default 4 x --token-budget")
     parser.add_argument("--fast-grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--attn-backend", default="auto")
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=False)

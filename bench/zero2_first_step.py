@@ -1,5 +1,5 @@
 """The fast path under DeepSpeed ZeRO-2 on N processes: the reference pass through `sfm_dpo.ref_cache` (data-parallel
-over the ranks), then `FastDPOTrainer` for a few steps at a fixed global batch of 32 pairs; rank 0 writes the step
+over the ranks), then `FastDPOTrainer` for a few steps at a fixed global batch (`--pairs-per-step`, 32); rank 0 writes the step
 losses, gradient norms, times and memory. Run at N = 1 and N = 2 and compare (issue 7: the first step's loss and
 gradient norm agree between 1 GPU and N GPUs at the same global batch).
 
@@ -35,6 +35,7 @@ def run(args) -> None:
     from sfm_dpo import ref_cache
     from sfm_dpo.attention import apply_backend, select_backend
     from sfm_dpo.fast_trainer import FastDPOTrainer
+    from sfm_dpo.kernels import compile_decoder_layers
     from sfm_dpo.packing import reference_logps_fn
     from sfm_dpo.tiny import build_tiny_tokenizer
 
@@ -45,6 +46,8 @@ def run(args) -> None:
     backend = select_backend("auto", state.device, torch.bfloat16 if cuda else torch.float32)
     apply_backend(model, backend)
     add_fused_lm_head(model)
+    if args.compile_layers:
+        compile_decoder_layers(model)
 
     # Reference pass before the trainer: under ZeRO-2 the model is whole on each rank, already on its GPU, in the
     # bf16 the DeepSpeed engine will run. No autocast: accelerate does not autocast under DeepSpeed (native_amp is
@@ -53,16 +56,19 @@ def run(args) -> None:
     # and softmax in fp32 under autocast, bf16 in the engine).
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not deepspeed else None
-    compute_fn = reference_logps_fn(model, state.device, max_tokens=args.token_budget, context=autocast)
+    ref_budget = args.ref_token_budget or 4 * args.token_budget  # as sfm_dpo.fast_path.REF_BUDGET_FACTOR
+    compute_fn = reference_logps_fn(model, state.device, max_tokens=ref_budget, context=autocast)
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     cache = args.cache_dir or tempfile.mkdtemp(prefix="ref_cache_")
     dataset = ref_cache.load_or_compute(dataset, compute_fn, cache, {"bench": args.arch, "seed": args.seed}, state,
-                                        token_budget=args.token_budget)  # fmt: skip
+                                        token_budget=ref_budget)  # fmt: skip
     if cuda:
         torch.cuda.synchronize()
     ref_pass_s = time.perf_counter() - start
+    ref_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"],
+                                                                      dataset["rejected_ids"]))  # fmt: skip
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="zero2_"), per_device_train_batch_size=4,
@@ -93,9 +99,16 @@ def run(args) -> None:
 
     trainer = FastDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=build_tiny_tokenizer(),
                              callbacks=[Timer()], attn_backend=backend, max_tokens_per_microbatch=args.token_budget,
-                             pairs_per_step=32)  # fmt: skip
+                             pairs_per_step=args.pairs_per_step)  # fmt: skip
     torch.cuda.reset_peak_memory_stats() if cuda else None
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as e:  # issue 7 asks by how much a shape misses: say it, with the peak so far
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps({"rank": state.process_index, "world_size": state.num_processes, "arch": args.arch,
+                          "max_length": args.max_length, "oom": str(e).splitlines()[0][:400],
+                          "peak_before_oom_gib": peak, "ref_pass_s": ref_pass_s}), flush=True)  # fmt: skip
+        raise
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
     if type(engine).__name__ != "DeepSpeedEngine" or stage != 2:
@@ -115,7 +128,11 @@ def run(args) -> None:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "gpu": _torch.cuda.get_device_name(0) if cuda else "CPU", "arch": args.arch,
             "model_params": sum(p.numel() for p in model.parameters()), "world_size": state.num_processes,
-            "engine": f"{type(engine).__name__} ZeRO-{stage}", "attn_backend": backend, "pairs_per_step": 32,
+            "engine": f"{type(engine).__name__} ZeRO-{stage}", "attn_backend": backend,
+            "pairs_per_step": args.pairs_per_step,
+            "compile_layers": args.compile_layers, "gradient_checkpointing": args.grad_ckpt,
+            "max_length": args.max_length, "token_budget": args.token_budget, "ref_token_budget": ref_budget,
+            "ref_pass_tokens": ref_tokens,
             "learning_rate": args.learning_rate, "losses": [h["loss"] for h in logs],
             "microbatches_per_step": trainer.batch_sampler.microbatches_per_step,
             # transformers without this attribute (5.17 on the GPU machine) divides the loss by the accumulation
@@ -170,6 +187,9 @@ def main() -> int:
     parser.add_argument("--token-budget", type=int, default=16384)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--compile-layers", action="store_true")
+    parser.add_argument("--ref-token-budget", type=int, default=None, help="default 4 x --token-budget")
+    parser.add_argument("--pairs-per-step", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="zero2_first_step.json")
@@ -179,7 +199,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.compare:
         return compare(args.compare, args.compare_out, args.ga)
-    args.pairs = args.pairs or 32 * args.steps
+    args.pairs = args.pairs or args.pairs_per_step * args.steps
     run(args)
     return 0
 

@@ -83,6 +83,13 @@ class ScriptArguments(trl.ScriptArguments):
             "matmuls; sfm_dpo/kernels.py). Costs a minute of compilation at start-up, pays on GPUs."
         },
     )
+    ref_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fast path: tokens per forward of the reference pass (no backward, so it can be larger). Default: "
+            "4 x max_tokens_per_microbatch."
+        },
+    )
     ref_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -106,6 +113,8 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(f"--overlong_policy must be one of {OVERLONG_POLICIES}, got {self.overlong_policy!r}.")
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
             raise ValueError(f"--max_tokens_per_microbatch must be positive, got {self.max_tokens_per_microbatch}.")
+        if self.ref_tokens_per_batch is not None and self.ref_tokens_per_batch < 1:
+            raise ValueError(f"--ref_tokens_per_batch must be positive, got {self.ref_tokens_per_batch}.")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
 
