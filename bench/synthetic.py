@@ -66,6 +66,11 @@ ARCHS = {
         type="olmo3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
         vocab_size=100278, sliding_window=4096,
     ),
+    # OLMo 3 7B's shape (issue 7).
+    "olmo3_7b": dict(
+        type="olmo3", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+        vocab_size=100278, sliding_window=4096,
+    ),
     # CPU smoke test of the benchmark itself.
     "tiny_gpt_neox": dict(
         type="gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

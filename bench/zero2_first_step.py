@@ -12,6 +12,7 @@ fp32 master weights and step 2's loss shows it: at 1e-6 the bf16 weights would n
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -25,24 +26,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def run(args) -> None:
+def _reference_pass(args, state, model, dataset, cuda):
     import torch
-    from accelerate import PartialState
-    from synthetic import ARCHS, build_model, synthetic_dataset
-    from trl import DPOConfig
     from trl.trainer.utils import add_fused_lm_head
 
     from sfm_dpo import ref_cache
     from sfm_dpo.attention import apply_backend, select_backend
-    from sfm_dpo.fast_trainer import FastDPOTrainer
     from sfm_dpo.kernels import compile_decoder_layers
     from sfm_dpo.packing import reference_logps_fn
-    from sfm_dpo.tiny import build_tiny_tokenizer
 
-    cuda = torch.cuda.is_available()
-    state = PartialState() if cuda else PartialState(backend="gloo")  # no CUDA: tell accelerate the backend
-    dataset = synthetic_dataset(args.pairs, ARCHS[args.arch]["vocab_size"], args.max_length, seed=args.seed)
-    model = build_model(args.arch, state.device, seed=args.seed)
     backend = select_backend("auto", state.device, torch.bfloat16 if cuda else torch.float32)
     apply_backend(model, backend)
     add_fused_lm_head(model)
@@ -69,16 +61,41 @@ def run(args) -> None:
     ref_pass_s = time.perf_counter() - start
     ref_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"],
                                                                       dataset["rejected_ids"]))  # fmt: skip
+    return backend, ref_pass_s, ref_tokens, ref_budget, dataset
 
+
+def run(args) -> None:
+    import torch
+    from accelerate import PartialState
+    from synthetic import ARCHS, build_model, synthetic_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from sfm_dpo.fast_trainer import FastDPOTrainer
+    from sfm_dpo.tiny import build_tiny_tokenizer
+
+    cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not cuda)
+    dataset = synthetic_dataset(args.pairs, ARCHS[args.arch]["vocab_size"], args.max_length, seed=args.seed)
+    model = build_model(args.arch, state.device, seed=args.seed)
+    if args.stock:  # TRL as shipped: padded batches, sdpa, a reference model kept (a bf16 replica on every GPU)
+        backend, ref_pass_s, ref_tokens, ref_budget = "sdpa (stock)", None, None, None
+        ref_model = copy.deepcopy(model).eval()
+    else:
+        ref_model = None
+        backend, ref_pass_s, ref_tokens, ref_budget, dataset = _reference_pass(args, state, model, dataset, cuda)
+
+    # The seed configuration's 4 pairs per micro-batch; the fast path replaces the accumulation by its token plan.
+    accumulation = max(1, args.pairs_per_step // (4 * state.num_processes))
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="zero2_"), per_device_train_batch_size=4,
-        gradient_accumulation_steps=8, max_length=args.max_length, loss_type=["sigmoid_norm"], beta=5.0,
+        gradient_accumulation_steps=accumulation, max_length=args.max_length, loss_type=["sigmoid_norm"], beta=5.0,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
-        bf16=cuda, ddp_backend=None if cuda else "gloo", gradient_checkpointing=args.grad_ckpt, padding_free=True,
-        precompute_ref_log_probs=True, logging_steps=1, save_strategy="no", report_to=[], seed=42,
-        disable_tqdm=True, dataloader_num_workers=0,
+        bf16=cuda, use_cpu=not cuda,
+        gradient_checkpointing=args.grad_ckpt or args.stock,
+        padding_free=not args.stock, precompute_ref_log_probs=not args.stock, logging_steps=1, save_strategy="no",
+        report_to=[], seed=42, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    times, tokens = [], []
+    times, local_tokens, counter = [], [], {"tokens": 0}
 
     class Timer:
         def __getattr__(self, name):
@@ -94,12 +111,36 @@ def run(args) -> None:
             torch.cuda.synchronize() if cuda else None
             now = time.perf_counter()
             times.append(now - self.last)
-            tokens.append(trainer._total_train_tokens)  # all ranks, gathered by the trainer
+            local_tokens.append(counter["tokens"])  # this rank's real tokens in the step
+            counter["tokens"] = 0
             self.last = now
 
-    trainer = FastDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=build_tiny_tokenizer(),
-                             callbacks=[Timer()], attn_backend=backend, max_tokens_per_microbatch=args.token_budget,
-                             pairs_per_step=args.pairs_per_step)  # fmt: skip
+    class CountingFast(FastDPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            if model.training:
+                counter["tokens"] += int((inputs["pair_weights"][inputs["sequence_index"] // 2] > 0).sum())
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    class CountingStock(DPOTrainer):
+        def _prepare_dataset(self, dataset, *a, **k):  # already tokenized
+            return dataset
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if model.training:
+                counter["tokens"] += int(inputs["attention_mask"].sum())
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    if args.compile_layers and args.grad_ckpt:  # as sfm_dpo.fast_path does: compiled reference pass only
+        from sfm_dpo.kernels import uncompile_decoder_layers
+
+        uncompile_decoder_layers(model)
+    common = dict(model=model, args=config, train_dataset=dataset, processing_class=build_tiny_tokenizer(),
+                  callbacks=[Timer()])  # fmt: skip
+    if args.stock:
+        trainer = CountingStock(ref_model=ref_model, **common)
+    else:
+        trainer = CountingFast(attn_backend=backend, max_tokens_per_microbatch=args.token_budget,
+                               pairs_per_step=args.pairs_per_step, **common)  # fmt: skip
     torch.cuda.reset_peak_memory_stats() if cuda else None
     try:
         trainer.train()
@@ -111,12 +152,12 @@ def run(args) -> None:
         raise
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
-    if type(engine).__name__ != "DeepSpeedEngine" or stage != 2:
+    if cuda and (type(engine).__name__ != "DeepSpeedEngine" or stage != 2):
         raise RuntimeError(f"Expected a DeepSpeed ZeRO-2 engine, got {type(engine).__name__} stage {stage}.")
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, device=state.device)
     peaks = trainer.accelerator.gather(peak[None]).tolist()
     logs = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
-    step_tokens = [b - a for a, b in zip([0] + tokens[:-1], tokens)]
+    step_tokens = trainer.accelerator.reduce(torch.tensor(local_tokens, device=state.device), "sum").tolist()
     timed = slice(args.warmup_steps, None)
     seconds = sum(times[timed])
     if state.is_main_process:
@@ -134,20 +175,44 @@ def run(args) -> None:
             "max_length": args.max_length, "token_budget": args.token_budget, "ref_token_budget": ref_budget,
             "ref_pass_tokens": ref_tokens,
             "learning_rate": args.learning_rate, "losses": [h["loss"] for h in logs],
-            "microbatches_per_step": trainer.batch_sampler.microbatches_per_step,
+            "path": "stock" if args.stock else "fast",
+            "microbatches_per_step": accumulation if args.stock else trainer.batch_sampler.microbatches_per_step,
             # transformers without this attribute (5.17 on the GPU machine) divides the loss by the accumulation
             # steps again: logged loss and gradient norm are then 1/microbatches_per_step of the true ones.
             "trainer_honors_loss_is_scaled_for_ga": hasattr(type(trainer), "loss_is_scaled_for_ga"),
             "grad_norms": [h["grad_norm"] for h in logs], "step_times_s": times, "step_tokens": step_tokens,
             "ref_pass_s": ref_pass_s, "peak_mem_gib_per_rank": peaks,
+            "samples_per_s": args.pairs_per_step * len(times[timed]) / seconds if seconds else None,
             "train_tokens_per_s": sum(step_tokens[timed]) / seconds if seconds else None,
             "train_tokens_per_s_per_gpu": sum(step_tokens[timed]) / seconds / state.num_processes if seconds else None,
             "versions": {"torch": _torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
             "command": " ".join(sys.argv),
         }  # fmt: skip
+        record.update(derived_rates(record, args.stock))
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-        print(json.dumps({k: record[k] for k in ("world_size", "engine", "losses", "grad_norms", "ref_pass_s",
-                                                 "train_tokens_per_s", "peak_mem_gib_per_rank")}))  # fmt: skip
+        print(json.dumps({k: record.get(k) for k in ("world_size", "arch", "path", "max_length", "losses", "grad_norms",
+                                                     "ref_pass_s", "train_tokens_per_s_per_gpu",
+                                                     "combined_tokens_per_s_per_gpu", "mfu", "peak_mem_gib_per_rank",
+                                                     "zero2_static_gib_per_gpu")}))  # fmt: skip
+
+
+def derived_rates(record: dict, stock: bool, peak_flops: float = 989e12) -> dict:
+    """MFU as in ../shared/DEVICE.md (6N per policy token + 2N per reference token), the reference pass amortized
+    (fast path: combined = 1 / (train s/token + pass s/token)), and the ZeRO-2 partition arithmetic per GPU:
+    bf16 weights 2N on every GPU, bf16 gradients 2N/W and fp32 master weights + Adam moments 12N/W."""
+    n, w = record["model_params"], record["world_size"]
+    per_gpu = record["train_tokens_per_s_per_gpu"]
+    out = {"zero2_static_gib_per_gpu": (2 * n + 14 * n / w) / 2**30}
+    if per_gpu is None:
+        return out
+    if stock:  # the reference forward runs inside each step
+        out.update(mfu=8 * n * per_gpu / peak_flops, combined_tokens_per_s_per_gpu=per_gpu)
+        return out
+    ref_per_gpu = record["ref_pass_tokens"] / record["ref_pass_s"] / w
+    combined = 1 / (1 / per_gpu + 1 / ref_per_gpu)
+    out.update(train_mfu_6n=6 * n * per_gpu / peak_flops, ref_pass_tokens_per_s_per_gpu=ref_per_gpu,
+               combined_tokens_per_s_per_gpu=combined, mfu=8 * n * combined / peak_flops)  # fmt: skip
+    return out
 
 
 def compare(paths, out=None, ga_override=None) -> int:
@@ -190,6 +255,7 @@ def main() -> int:
     parser.add_argument("--compile-layers", action="store_true")
     parser.add_argument("--ref-token-budget", type=int, default=None, help="default 4 x --token-budget")
     parser.add_argument("--pairs-per-step", type=int, default=32)
+    parser.add_argument("--stock", action="store_true", help="stock TRL (seed configuration) instead of the fast path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="zero2_first_step.json")
