@@ -46,7 +46,7 @@ usr1() {
     bash scripts/launch.sh "${args[@]}" >"$OUT/usr1_resume.log" 2>&1
     echo "== usr1 resumed run rc=$?"
     grep -E "Resum|resum|'loss'|train_runtime|Error" "$OUT/usr1_resume.log" | cut -c1-300 | tail -9
-    ls "$run" | tee "$OUT/usr1_output_dir.txt"
+    find "$run" -maxdepth 2 -newer "$log" | sort | tee "$OUT/usr1_output_dir.txt"
 }
 
 for phase in "$@"; do
