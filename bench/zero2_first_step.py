@@ -111,14 +111,14 @@ def run(args) -> None:
             torch.cuda.synchronize() if cuda else None
             now = time.perf_counter()
             times.append(now - self.last)
-            local_tokens.append(counter["tokens"])  # this rank's real tokens in the step
+            local_tokens.append(int(counter["tokens"]))  # this rank's real tokens in the step (device sum, read here)
             counter["tokens"] = 0
             self.last = now
 
     class CountingFast(FastDPOTrainer):
         def _compute_loss(self, model, inputs, return_outputs):
             if model.training:
-                counter["tokens"] += int((inputs["pair_weights"][inputs["sequence_index"] // 2] > 0).sum())
+                counter["tokens"] += (inputs["pair_weights"][inputs["sequence_index"] // 2] > 0).sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
     class CountingStock(DPOTrainer):
@@ -127,7 +127,7 @@ def run(args) -> None:
 
         def _compute_loss(self, model, inputs, return_outputs):
             if model.training:
-                counter["tokens"] += int(inputs["attention_mask"].sum())
+                counter["tokens"] += inputs["attention_mask"].sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
     if args.compile_layers and args.grad_ckpt:  # as sfm_dpo.fast_path does: compiled reference pass only

@@ -14,7 +14,6 @@ padded behaviour, for comparison.
 
 import logging
 import math
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +158,8 @@ class FastDPOTrainer(SFMDPOTrainer):
             apply_backend(self.accelerator.unwrap_model(self.ref_model), self.attn_backend)
         # Each micro-batch's loss is already scaled by world_size / pairs_in_step (see `_compute_loss`).
         self.loss_is_scaled_for_ga = True
-        self._pair_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._pair_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
+        # Per logging window: [2, metrics] sums and counts, and real tokens, on this rank's device; gathered in `log`.
+        self._window = {"train": None, "eval": None}
 
     # --- data --------------------------------------------------------------------------------------------------------
 
@@ -244,8 +243,8 @@ class FastDPOTrainer(SFMDPOTrainer):
     @torch.no_grad()
     def _record_metrics(self, mode, inputs, outputs, weights, chosen_logps, rejected_logps, chosen_logratios,
                         rejected_logratios, chosen_tokens, rejected_tokens):  # fmt: skip
-        """Adds this micro-batch's sums and counts to the logging window's; one gather of a fixed-size vector, as
-        ranks hold different numbers of pairs."""
+        """Adds this micro-batch's sums and counts to the logging window's, on the GPU: no host sync and no
+        collective per micro-batch (`log` gathers the window once; ranks hold different numbers of pairs)."""
         chosen_rewards, rejected_rewards = self.beta * chosen_logratios, self.beta * rejected_logratios
         per_pair = {
             "rewards/chosen": chosen_rewards,
@@ -274,24 +273,23 @@ class FastDPOTrainer(SFMDPOTrainer):
             sums.append(values[0].float()[mask].sum() if values is not None else mask.new_zeros((), dtype=torch.float))
             counts.append(mask.sum().float() if values is not None else mask.new_zeros((), dtype=torch.float))
         real_tokens = (weights[sequence_index // 2] > 0).sum().float()
-        local = torch.stack([torch.stack(sums), torch.stack(counts).to(sums[0])]).to(self.accelerator.device)
-        gathered = self.accelerator.gather(local[None]).sum(0)
-        tokens = self.accelerator.gather(real_tokens.to(self.accelerator.device)[None]).sum().item()
-        for key, total, count in zip(PAIR_METRICS + TOKEN_METRICS, gathered[0].tolist(), gathered[1].tolist()):
-            self._pair_sums[mode][key] += total
-            self._pair_counts[mode][key] += count
-        if mode == "train":
-            self._total_train_tokens += int(tokens)
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        local = torch.stack([torch.stack(sums), torch.stack(counts).to(sums[0])])
+        local = torch.cat([local, torch.stack([real_tokens, real_tokens]).to(local)[:, None]], dim=1)
+        window = self._window[mode]
+        self._window[mode] = local if window is None else window + local
 
     def log(self, logs, start_time=None):
         if self.packed:
             mode = "train" if self.model.training else "eval"
-            for key, total in self._pair_sums[mode].items():
-                count = self._pair_counts[mode][key]
-                self._metrics[mode][key] = [total / count if count > 0 else 0.0]
-            self._pair_sums[mode].clear()
-            self._pair_counts[mode].clear()
+            window, self._window[mode] = self._window[mode], None
+            if window is not None:
+                gathered = self.accelerator.gather(window.to(self.accelerator.device)[None]).sum(0).tolist()
+                sums, counts = gathered
+                for key, total, count in zip(PAIR_METRICS + TOKEN_METRICS, sums, counts):
+                    self._metrics[mode][key] = [total / count if count > 0 else 0.0]
+                if mode == "train":
+                    self._total_train_tokens += int(sums[-1])
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         super().log(logs, start_time)
 
 
