@@ -12,7 +12,7 @@ mkdir -p "$OUT/results"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl .whl/extra/*.whl .whl/ds/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_MININTERVAL=30
-export NCCL_NVLS_ENABLE=0 VENV=none
+export NCCL_NVLS_ENABLE=0 VENV=none PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True # as scripts/launch.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/env.txt"
 
 zero2() {
@@ -30,7 +30,7 @@ zero2() {
 usr1() {
     local run=/tmp/usr1_run log="$OUT/usr1_first.log"
     local args=(think --model_name_or_path .gpucheck/tiny-gpt_neox --dataset_name .gpucheck/data/dolci_think.jsonl
-        --output_dir "$run" --report_to none --push_to_hub false --max_length 1024 --max_tokens_per_microbatch 2048
+        --output_dir "$run" --report_to none --push_to_hub false --max_length 1024 --max_prompt_length 512 --max_tokens_per_microbatch 2048
         --effective_batch_size 16 --max_steps 6 --save_steps 100 --logging_steps 1 --compile_layers false)
     rm -rf "$run"
     bash scripts/launch.sh "${args[@]}" >"$log" 2>&1 &

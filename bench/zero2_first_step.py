@@ -38,7 +38,7 @@ def _reference_pass(args, state, model, dataset, cuda):
     backend = select_backend("auto", state.device, torch.bfloat16 if cuda else torch.float32)
     apply_backend(model, backend)
     add_fused_lm_head(model)
-    if args.compile_layers:
+    if args.compile_layers and not args.grad_ckpt:  # as sfm_dpo.fast_path: never under gradient checkpointing
         compile_decoder_layers(model)
 
     # Reference pass before the trainer: under ZeRO-2 the model is whole on each rank, already on its GPU, in the
@@ -59,6 +59,8 @@ def _reference_pass(args, state, model, dataset, cuda):
     if cuda:
         torch.cuda.synchronize()
     ref_pass_s = time.perf_counter() - start
+    if cuda:
+        torch.cuda.empty_cache()  # as sfm_dpo.fast_path
     ref_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"],
                                                                       dataset["rejected_ids"]))  # fmt: skip
     return backend, ref_pass_s, ref_tokens, ref_budget, dataset
@@ -130,10 +132,6 @@ def run(args) -> None:
                 counter["tokens"] += inputs["attention_mask"].sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
-    if args.compile_layers and args.grad_ckpt:  # as sfm_dpo.fast_path does: compiled reference pass only
-        from sfm_dpo.kernels import uncompile_decoder_layers
-
-        uncompile_decoder_layers(model)
     common = dict(model=model, args=config, train_dataset=dataset, processing_class=build_tiny_tokenizer(),
                   callbacks=[Timer()])  # fmt: skip
     if args.stock:

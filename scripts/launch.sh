@@ -203,6 +203,10 @@ if [[ "$DEVICE" == CPU && "$(sed -n 2p <<<"$probe")" != 1 ]]; then
 fi
 
 export SFM_REQUEUE_MARKER="$REPO/logs/.requeue-${SLURM_JOB_ID:-local-$$}"
+# Packed micro-batches change shape every step and the reference pass frees its buffers before DeepSpeed allocates
+# its own: without expandable segments the 6.86B shape on 2 H100s died asking for 12.8 GiB with 12.8 GiB reserved but
+# unallocated (bench/results/20261125-zero2_*).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 rm -f "$SFM_REQUEUE_MARKER" # a requeued job has the same id: only this run's marker counts
 
 train_args=""

@@ -15,7 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 from . import ref_cache
 from .attention import apply_backend, select_backend_for_model
 from .fast_trainer import FastDPOTrainer
-from .kernels import compile_decoder_layers, uncompile_decoder_layers
+from .kernels import compile_decoder_layers
 from .packing import reference_logps_fn
 from .trainer import SFMDPOTrainer
 
@@ -33,7 +33,7 @@ def reference_key(script_args, training_args, model_args, tokenizer, backend: st
         **ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision),
         "dtype": str(dtype),
         "attn_backend": backend,
-        "compiled_layers": script_args.compile_layers,
+        "compiled_layers": script_args.compile_layers and not training_args.gradient_checkpointing,
         "max_length": training_args.max_length,
         "max_prompt_length": script_args.max_prompt_length,
         "overlong_policy": script_args.overlong_policy,
@@ -68,7 +68,10 @@ def attach_reference_logps(model, dataset, script_args, training_args, model_arg
     cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
     precision = f"{model.dtype}{'+autocast-bf16' if use_autocast else ''}"
     key = reference_key(script_args, training_args, model_args, tokenizer, backend, precision)
-    return ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
+    dataset = ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pass's activation blocks, before DeepSpeed allocates its flat buffers
+    return dataset
 
 
 def build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, callbacks):
@@ -88,20 +91,17 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
             "--padding_free false for the stock path."
         )
     backend = select_backend_for_model(script_args.attn_backend, model, training_args)
-    if script_args.compile_layers:
-        # Before the reference pass, so that it runs the training forward's very kernels (and is faster too).
+    if script_args.compile_layers and training_args.gradient_checkpointing:
+        # Measured on an H100 (6.86B, bench/results/20261125-profile_gpt_neox_6.9b_ckpt*.json): compiled layers under
+        # activation checkpointing trained 2.2x slower than eager ones. Compiling the reference pass alone would give
+        # the reference other kernels than the training forward (step 1 no longer ln 2), so nothing is compiled.
+        logger.warning("--compile_layers is ignored with gradient checkpointing (slower there, H100): eager layers.")
+    elif script_args.compile_layers:
+        # Before the reference pass, so that it runs compiled too (faster, and closer to the training kernels).
         compile_decoder_layers(model)
     if training_args.precompute_ref_log_probs:
         train_dataset = attach_reference_logps(
             model, train_dataset, script_args, training_args, model_args, tokenizer, backend
-        )
-    if script_args.compile_layers and training_args.gradient_checkpointing:
-        # Measured on an H100 (6.86B, bench/results/20261125-profile_*): compiled layers under activation
-        # checkpointing trained 2.2x slower than eager ones, while the no-grad reference pass ran 25% faster compiled.
-        uncompile_decoder_layers(model)
-        logger.warning(
-            "--compile_layers with gradient checkpointing: the reference pass ran compiled, training runs eager "
-            "(compiled layers under checkpointing were 2.2x slower on an H100)."
         )
     return FastDPOTrainer(
         model=model,

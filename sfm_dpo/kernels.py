@@ -73,13 +73,3 @@ def compile_decoder_layers(model) -> int:
         len(layers), type(layers[0]).__name__,
     )  # fmt: skip
     return len(layers)
-
-
-def uncompile_decoder_layers(model) -> int:
-    """Undoes `compile_decoder_layers` (the layers run eagerly again). Returns how many layers changed."""
-    changed = 0
-    for layer in decoder_layers(model):
-        if getattr(layer, "_sfm_compiled", False):
-            layer.__class__ = type(layer).__mro__[1]
-            changed += 1
-    return changed

@@ -9,7 +9,7 @@ import torch
 from trl.trainer.utils import add_fused_lm_head
 
 from sfm_dpo.attention import apply_backend
-from sfm_dpo.kernels import compile_decoder_layers, decoder_layers, uncompile_decoder_layers
+from sfm_dpo.kernels import compile_decoder_layers, decoder_layers
 from sfm_dpo.packing import pack_pairs, packed_forward
 from sfm_dpo.tiny import build_tiny_model
 
@@ -47,10 +47,6 @@ def test_compiled_layers_match_eager_log_probs_and_gradients():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         eager.zero_grad()
         compiled.zero_grad()
-
-    classes = [type(layer) for layer in decoder_layers(eager)]
-    assert uncompile_decoder_layers(compiled) == len(classes)
-    assert [type(layer) for layer in decoder_layers(compiled)] == classes
 
 
 def test_decoder_layers_names_the_model_without_layers():
