@@ -37,6 +37,40 @@ def rows(record: dict) -> list[str]:
     return out
 
 
+def multi_gpu_rows(record: dict) -> list[str]:
+    """bench/zero2_first_step.py records (DeepSpeed ZeRO-2 on N GPUs), including the out-of-memory ones."""
+    model = f"{record['arch']} ({record['model_params'] / 1e9:.2f}B)" if "model_params" in record else record["arch"]
+    head = f"| {record['date'][:10]} | {record['gpu']} | {model} | {record['world_size']} | {record.get('path', 'fast')} | "
+    head += f"{record.get('max_length', 8192)} | "
+    if "result" in record:
+        return [head + "| | | | | | | | " + record["result"] + " |"]
+
+    def num(key, fmt="{:,.0f}"):
+        return fmt.format(record[key]) if record.get(key) is not None else ""
+
+    peaks = "/".join(f"{p:.1f}" for p in record["peak_mem_gib_per_rank"])
+    losses = " / ".join(f"{x:.4f}" for x in record["losses"][:2])
+    return [
+        head + f"{num('samples_per_s', '{:.2f}')} | {num('train_tokens_per_s_per_gpu')} | "
+        f"{num('ref_pass_tokens_per_s_per_gpu')} | {num('combined_tokens_per_s_per_gpu')} | "
+        f"{num('mfu', '{:.1%}')} | {peaks} | {num('zero2_static_gib_per_gpu', '{:.1f}')} | {losses} | "
+        f"{record.get('note', '')} |"
+    ]
+
+
+def profile_rows(record: dict) -> list[str]:
+    """bench/profile_step.py records: one model, packed micro-batches, per kernel variant."""
+    out = []
+    for r in record["results"]:
+        refs = sorted(k.split("@")[1] for k in r if k.startswith("ref_tokens_per_s@"))
+        ref = ", ".join(f"{int(b) // 1024}k: {r[f'ref_tokens_per_s@{b}']:,.0f}" for b in refs)
+        out.append(
+            f"| {record['gpu']} | {r['arch']} | {r['variant']} | {'yes' if r['grad_ckpt'] else 'no'} | "
+            f"{r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | {r['train_peak_gib']:.1f} | {ref} |"
+        )
+    return out
+
+
 def main() -> int:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     lines = [
@@ -57,6 +91,33 @@ def main() -> int:
     ]
     for record in records:
         lines += rows(record)
+    lines += [
+        "",
+        "## Several GPUs (DeepSpeed ZeRO-2, `bench/zero2_first_step.py`)",
+        "",
+        "Per GPU. reference = the data-parallel reference pass; combined = 1 / (train s/token + reference s/token); MFU "
+        "= 8N x combined / 989 TFLOP/s (stock: 8N x train, its reference forward runs inside the step). ZeRO-2 static "
+        "= 2N bf16 weights + (2N gradients + 12N fp32 master and Adam) / N_GPUs, the arithmetic the peak is compared "
+        "with. losses = steps 1 and 2.",
+        "",
+        "| date | GPU | model | GPUs | path | max_length | samples/s | train tok/s/GPU | reference tok/s/GPU | "
+        "combined tok/s/GPU | MFU | peak GiB per GPU | ZeRO-2 static GiB | losses | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        if "engine" in record:
+            lines += multi_gpu_rows(record)
+    lines += [
+        "",
+        "## Kernel variants (`bench/profile_step.py`: packed micro-batches of 16k tokens, no Trainer)",
+        "",
+        "| GPU | model | variant | grad ckpt | train tok/s | train MFU (6N) | train peak GiB | reference tok/s by "
+        "micro-batch tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        if "results" in record:
+            lines += profile_rows(record)
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
