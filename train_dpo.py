@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, ModelConfig
 
 from sfm_dpo.chat_templates import resolve_chat_template
-from sfm_dpo.checkpoints import latest_complete_checkpoint
+from sfm_dpo.checkpoints import finished_training, latest_complete_checkpoint
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, push_final_model
 from sfm_dpo.data import prepare_dataset
@@ -81,6 +81,21 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     if training_args.process_index == 0:
         logger.info("Saved the resolved configuration to %s", save_config(config, training_args.output_dir))
 
+    # A finished run (a requeue after the last step, a resubmitted job) has nothing to train: resuming its last
+    # checkpoint would run one step past the end and overwrite the final model.
+    last_checkpoint = latest_complete_checkpoint(training_args.output_dir)
+    finished = [
+        d for d in (training_args.output_dir, last_checkpoint)
+        if d and finished_training(d, training_args.max_steps, training_args.num_train_epochs)
+    ]  # fmt: skip
+    if finished:
+        logger.warning(
+            "%s is at the last step of this training: nothing to train. The final model is in %s (or, if its save "
+            "was interrupted, in the newest checkpoint). To train again, pass another --output_dir.",
+            finished[0], training_args.output_dir,
+        )  # fmt: skip
+        return 0
+
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
@@ -122,7 +137,6 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     trainer = build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, [preemption])
     # A requeued or resubmitted job resumes from its newest COMPLETE checkpoint: optimizer, scheduler, RNG and data
     # position included (the Trainer restores them and skips the batches already seen).
-    last_checkpoint = latest_complete_checkpoint(training_args.output_dir)
     if last_checkpoint:
         logger.info("Resuming from %s", last_checkpoint)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)

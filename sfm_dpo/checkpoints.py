@@ -73,6 +73,25 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def finished_training(state_dir: str | os.PathLike, max_steps: int, num_train_epochs: float) -> bool:
+    """Whether the `trainer_state.json` in `state_dir` (a checkpoint, or the output folder after the final save) is at
+    the last step of the training this request asks for: `max_steps` when set (> 0), else the state's own total if it
+    was planned for the same number of epochs. The Trainer would otherwise resume and run one step past the end (seen
+    on 2 H100s: a rerun of a finished job trained step 7 of 6 and overwrote the final model)."""
+    path = Path(state_dir) / "trainer_state.json"
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text())
+    step = state.get("global_step", 0)
+    if max_steps > 0:
+        return step >= max_steps
+    return (
+        bool(state.get("max_steps"))
+        and step >= state["max_steps"]
+        and state.get("num_train_epochs") == num_train_epochs
+    )
+
+
 def remove_incomplete(output_dir: str | os.PathLike) -> list[str]:
     """Delete checkpoints without a marker. Only safe when no rank is writing one (after the post-save barrier)."""
     removed = []

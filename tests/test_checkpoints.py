@@ -15,6 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sfm_dpo.checkpoints import (
     MARKER,
     AtomicCheckpointMixin,
+    finished_training,
     is_complete,
     latest_complete_checkpoint,
     mark_complete,
@@ -137,3 +138,20 @@ def test_resume_from_complete_checkpoint_matches_uninterrupted_run(tmp_path):
     got = weights(resumed.model)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_finished_training_reads_the_state_against_the_request(tmp_path):
+    def state(name, **fields):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps(fields))
+        return folder
+
+    last = state("checkpoint-6", global_step=6, max_steps=6, num_train_epochs=1)
+    assert finished_training(last, max_steps=6, num_train_epochs=1)
+    assert not finished_training(last, max_steps=8, num_train_epochs=1)  # extended: resume it
+    assert finished_training(last, max_steps=-1, num_train_epochs=1)  # epoch-based, same plan
+    assert not finished_training(last, max_steps=-1, num_train_epochs=2)  # more epochs asked
+    middle = state("checkpoint-3", global_step=3, max_steps=6, num_train_epochs=1)
+    assert not finished_training(middle, max_steps=-1, num_train_epochs=1)
+    assert not finished_training(tmp_path / "no-state", max_steps=6, num_train_epochs=1)

@@ -98,3 +98,18 @@ def test_resumes_from_the_newest_complete_checkpoint(first_run, demo_assets):
     assert f"Resuming from {output_dir}/checkpoint-6" in log
     summary = __import__("json").loads((output_dir / "run_summary.json").read_text())
     assert summary["global_step"] == 8
+
+
+def test_a_finished_run_is_not_trained_again(first_run, demo_assets):
+    """Rerunning the finished run (as a Slurm requeue after the last step would) trains nothing: the Trainer would
+    resume the newest checkpoint (6) and train steps 7 and 8 again, or run step 9 of 8 from a checkpoint-8,
+    overwriting the final model either way."""
+    output_dir, _ = first_run
+    assert __import__("json").loads((output_dir / "run_summary.json").read_text())["global_step"] == 8
+    final = (output_dir / "model.safetensors").stat().st_mtime_ns
+    result = launch(demo_assets, output_dir, "--max_steps", "8", "--save_steps", "4")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "is at the last step of this training: nothing to train" in log
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == final
+    assert not (output_dir / "checkpoint-9").exists()
