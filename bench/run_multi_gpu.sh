@@ -31,12 +31,14 @@ usr1() {
     local run=/tmp/usr1_run log="$OUT/usr1_first.log"
     local args=(think --model_name_or_path .gpucheck/tiny-gpt_neox --dataset_name .gpucheck/data/dolci_think.jsonl
         --output_dir "$run" --report_to none --push_to_hub false --max_length 1024 --max_prompt_length 512 --max_tokens_per_microbatch 2048
-        --effective_batch_size 16 --max_steps 6 --save_steps 100 --logging_steps 1 --compile_layers false)
+        --effective_batch_size 16 --max_steps 60 --save_steps 100 --logging_steps 1 --compile_layers false)
     rm -rf "$run"
     bash scripts/launch.sh "${args[@]}" >"$log" 2>&1 &
     local pid=$! waited=0
-    until grep -q "'loss'" "$log" || ! kill -0 "$pid" 2>/dev/null || ((waited > 240)); do
-        sleep 1
+    # 60 steps of the tiny model take ~20 s on an H100: the signal lands mid-training (6 steps took 1.8 s, and a
+    # signal after the first logged step arrived after the end).
+    until grep -q "'loss'" "$log" || ! kill -0 "$pid" 2>/dev/null || ((waited > 2400)); do
+        sleep 0.1
         waited=$((waited + 1))
     done
     kill -USR1 "$pid"
