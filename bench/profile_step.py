@@ -59,6 +59,15 @@ def build(arch: str, variant: str, grad_ckpt: bool):
     return model
 
 
+def step(model, batch, train: bool) -> None:
+    """One micro-batch: the packed forward under bf16 autocast, and its backward when training."""
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        logps, _ = packed_forward(model, batch)
+    if train:
+        logps.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+
 def run(model, batches, train: bool, warmup: int) -> tuple[float, int]:
     """Seconds and real tokens of `batches[warmup:]`."""
     model.train(train)
@@ -66,11 +75,7 @@ def run(model, batches, train: bool, warmup: int) -> tuple[float, int]:
     for i, batch in enumerate(batches):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
-            logps, _ = packed_forward(model, batch)
-        if train:
-            logps.sum().backward()
-            model.zero_grad(set_to_none=True)
+        step(model, batch, train)
         torch.cuda.synchronize()
         if i >= warmup:
             seconds += time.perf_counter() - start
@@ -84,11 +89,7 @@ def kernel_table(model, batches, train: bool, rows: int) -> str:
     model.train(train)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for batch in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
-                logps, _ = packed_forward(model, batch)
-            if train:
-                logps.sum().backward()
-                model.zero_grad(set_to_none=True)
+            step(model, batch, train)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 

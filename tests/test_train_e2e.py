@@ -28,7 +28,7 @@ def launch(demo_assets, output_dir: Path, *extra: str) -> subprocess.CompletedPr
         "bash", "scripts/launch.sh", "demo",
         "--model_name_or_path", str(demo_assets["model"]), "--dataset_name", str(demo_assets["think"]),
         "--output_dir", str(output_dir), "--max_train_samples", "96", "--save_steps", "3",
-        "--bf16", "true", "--dtype", "bfloat16", *extra,
+        "--bf16", "true", "--dtype", "bfloat16", "--dataloader_num_workers", "2", *extra,  # as the GPU recipes
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
