@@ -90,6 +90,9 @@ def test_bad_settings_fail_before_any_work():
         ScriptArguments(dataset_name="x.jsonl", overlong_policy="shrink")
     with pytest.raises(ValueError, match="dataset_name is required"):
         ScriptArguments()
+    for name in ("max_tokens_per_microbatch", "ref_tokens_per_batch"):
+        with pytest.raises(ValueError, match=f"--{name} must be positive, got 0"):
+            ScriptArguments(dataset_name="x.jsonl", **{name: 0})
 
 
 def test_model_override_gives_per_model_output_and_hub_id():
