@@ -43,13 +43,15 @@ def _reference_pass(args, state, model, dataset, cuda):
 
     # Reference pass before the trainer: under ZeRO-2 the model is whole on each rank, already on its GPU, in the
     # bf16 the DeepSpeed engine will run. No autocast: accelerate does not autocast under DeepSpeed (native_amp is
-    # off, the engine runs the bf16 module as is), and the reference must see the training forward's numerics. The
-    # first GPU run used autocast here: step-1 rewards were not 0 and the loss 0.6972 instead of ln 2 (layer norms
-    # and softmax in fp32 under autocast, bf16 in the engine).
+    # off, the engine runs the bf16 module as is), and the reference must see the training forward's numerics. (The
+    # step-1 losses of 0.6972 / 0.7186 instead of ln 2 in the first GPU runs came from the Trainer's cast of the
+    # cached values to bf16, fixed in FastDPOTrainer._prepare_input.)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not deepspeed else None
     ref_budget = args.ref_token_budget or 4 * args.token_budget  # as sfm_dpo.fast_path.REF_BUDGET_FACTOR
     compute_fn = reference_logps_fn(model, state.device, max_tokens=ref_budget, context=autocast)
+    if args.compile_layers and not args.grad_ckpt:  # compile the no-grad graph outside the timed pass (once per run)
+        compute_fn([{k: dataset[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
