@@ -37,11 +37,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def _compiled_class(cls: type) -> type:
-    """A subclass of the layer class whose `forward` runs the original one compiled. Under gradient checkpointing,
-    transformers wraps each layer class's `forward` in the checkpoint (`GradientCheckpointingLayer.__init_subclass__`,
-    outermost wrapper only), so the checkpoint stays eager and recomputes the compiled forward: `nn.Module.compile`
-    put the checkpoint inside the graph instead, where dynamo ran the layer eagerly, 2.4x slower than no compile at all
-    (H100, 6.86B). Swapping the class, not wrapping instances, keeps deepcopy and the state dict as they were."""
+    """A subclass of the layer class whose `forward` runs the original one compiled. Swapping the class, not wrapping
+    instances, keeps deepcopy and the state dict as they were. Under gradient checkpointing transformers wraps the
+    subclass's `forward` in the checkpoint too (`GradientCheckpointingLayer.__init_subclass__`, outermost wrapper only),
+    so the checkpoint stays eager around the compiled forward (`nn.Module.compile` put it inside the graph, where
+    dynamo broke the graph and ran the layer eagerly). Both trained 2.2-2.4x slower than eager layers at 6.86B on an
+    H100, so `sfm_dpo.fast_path` does not compile under checkpointing; PyTorch's supported combination is
+    `compile(checkpoint(fn))` with the checkpoint traced (pytorch/pytorch#143176), not tried yet."""
     if cls not in _COMPILED_CLASSES:
         compiled_forward = torch.compile(cls.forward, dynamic=True)
 
