@@ -236,6 +236,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
 
     from sfm_dpo import ref_cache
     from sfm_dpo.attention import apply_backend, select_backend
+    from sfm_dpo.fast_path import REF_BUDGET_FACTOR
     from sfm_dpo.fast_trainer import FastDPOTrainer as FastTrainer
     from sfm_dpo.kernels import compile_decoder_layers
     from sfm_dpo.packing import pack_pairs, packed_logps, reference_logps_fn
@@ -250,7 +251,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
     if args.compile_layers:
         compile_decoder_layers(model)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
-    ref_budget = args.ref_token_budget or 4 * args.token_budget  # as sfm_dpo.fast_path.REF_BUDGET_FACTOR
+    ref_budget = args.ref_token_budget or REF_BUDGET_FACTOR * args.token_budget
     compute_fn = reference_logps_fn(model, device, max_tokens=ref_budget, context=autocast)
     start = _sync_now()
     if args.compile_layers:  # compile the no-grad graph outside the timed pass: once per run, not per token

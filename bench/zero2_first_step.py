@@ -32,6 +32,7 @@ def _reference_pass(args, state, model, dataset, cuda):
 
     from sfm_dpo import ref_cache
     from sfm_dpo.attention import apply_backend, select_backend
+    from sfm_dpo.fast_path import REF_BUDGET_FACTOR
     from sfm_dpo.kernels import compile_decoder_layers
     from sfm_dpo.packing import reference_logps_fn
 
@@ -48,7 +49,7 @@ def _reference_pass(args, state, model, dataset, cuda):
     # cached values to bf16, fixed in FastDPOTrainer._prepare_input.)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not deepspeed else None
-    ref_budget = args.ref_token_budget or 4 * args.token_budget  # as sfm_dpo.fast_path.REF_BUDGET_FACTOR
+    ref_budget = args.ref_token_budget or REF_BUDGET_FACTOR * args.token_budget
     compute_fn = reference_logps_fn(model, state.device, max_tokens=ref_budget, context=autocast)
     if args.compile_layers and not args.grad_ckpt:  # compile the no-grad graph outside the timed pass (once per run)
         compute_fn([{k: dataset[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])

@@ -62,10 +62,13 @@ def _boundaries(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
     return cu_seq_lens.to(torch.int32), int(max_length)
 
 
-def _check_unsupported(dropout: float, kwargs: dict) -> None:
+def _check_unsupported(kwargs: dict, dropout: float = 0.0, backend: str | None = None) -> None:
+    """What the packed backends cannot do; `backend` names one that has no attention dropout either."""
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"The packed attention backends do not support `{name}`.")
+    if dropout and backend:
+        raise NotImplementedError(f"The {backend} backend has no attention dropout; TRL disables dropout by default.")
 
 
 _VARLEN_PARAMS: set[str] | None = None
@@ -86,9 +89,7 @@ def varlen_attention(
     """`query` `[1, H, T, D]`, `key`/`value` `[1, H_kv, T, D]` -> `[1, T, H, D]`, via torch's varlen attention."""
     from torch.nn.attention.varlen import varlen_attn
 
-    _check_unsupported(dropout, kwargs)
-    if dropout:
-        raise NotImplementedError("torch's varlen attention has no dropout; TRL disables dropout by default.")
+    _check_unsupported(kwargs, dropout, "varlen")
     cu_seq_lens, max_length = _boundaries(query, kwargs)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -137,7 +138,7 @@ def sdpa_packed_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
 ):
     """Reference: SDPA with a dense block-diagonal causal mask. `[1, H, T, D]` -> `[1, T, H, D]`."""
-    _check_unsupported(dropout, kwargs)
+    _check_unsupported(kwargs)  # sdpa itself takes dropout_p
     cu_seq_lens, _ = _boundaries(query, kwargs)
     mask = _dense_packed_mask(cu_seq_lens, query.shape[2], sliding_window)
     out = F.scaled_dot_product_attention(
@@ -190,9 +191,7 @@ def flex_packed_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
 ):
     """flex attention with a document (+ sliding window) block mask. `[1, H, T, D]` -> `[1, T, H, D]`."""
-    _check_unsupported(dropout, kwargs)
-    if dropout:
-        raise NotImplementedError("The flex backend has no attention dropout; TRL disables dropout by default.")
+    _check_unsupported(kwargs, dropout, "flex")
     cu_seq_lens, _ = _boundaries(query, kwargs)
     block_mask = _flex_block_mask(cu_seq_lens, query.shape[2], sliding_window)
     out = _flex_attention_fn(query.device)(

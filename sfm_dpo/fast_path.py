@@ -15,7 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 from . import ref_cache
 from .attention import apply_backend, select_backend_for_model
 from .fast_trainer import FastDPOTrainer
-from .kernels import compile_decoder_layers
+from .kernels import compile_decoder_layers, layers_compiled
 from .packing import reference_logps_fn
 from .trainer import SFMDPOTrainer
 
@@ -27,13 +27,13 @@ REF_BUDGET_FACTOR = 4  # reference-pass tokens per forward, over the training mi
 FORWARD_VERSION = 1
 
 
-def reference_key(script_args, training_args, model_args, tokenizer, backend: str, dtype) -> dict:
+def reference_key(script_args, training_args, model_args, tokenizer, backend: str, dtype, compiled: bool) -> dict:
     """Everything the reference log-probs depend on besides the token ids (which ref_cache fingerprints itself)."""
     return {
         **ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision),
         "dtype": str(dtype),
         "attn_backend": backend,
-        "compiled_layers": script_args.compile_layers and not training_args.gradient_checkpointing,
+        "compiled_layers": compiled,
         "max_length": training_args.max_length,
         "max_prompt_length": script_args.max_prompt_length,
         "overlong_policy": script_args.overlong_policy,
@@ -67,7 +67,9 @@ def attach_reference_logps(model, dataset, script_args, training_args, model_arg
     compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
     cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
     precision = f"{model.dtype}{'+autocast-bf16' if use_autocast else ''}"
-    key = reference_key(script_args, training_args, model_args, tokenizer, backend, precision)
+    key = reference_key(
+        script_args, training_args, model_args, tokenizer, backend, precision, compiled=layers_compiled(model)
+    )
     dataset = ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the pass's activation blocks, before DeepSpeed allocates its flat buffers

@@ -57,12 +57,17 @@ def _compiled_class(cls: type) -> type:
 _COMPILED_CLASSES: dict[type, type] = {}
 
 
+def layers_compiled(model) -> bool:
+    """Whether `compile_decoder_layers` has compiled every decoder layer of `model`."""
+    return all(getattr(layer, "_sfm_compiled", False) for layer in decoder_layers(model))
+
+
 def compile_decoder_layers(model) -> int:
     """Compiles the forward of every decoder layer of `model` in place (dynamic shapes). Returns how many were
     compiled; calling it again is a no-op."""
-    layers = decoder_layers(model)
-    if all(getattr(layer, "_sfm_compiled", False) for layer in layers):
+    if layers_compiled(model):
         return 0
+    layers = decoder_layers(model)
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
