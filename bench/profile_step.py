@@ -52,8 +52,8 @@ def build(arch: str, variant: str, grad_ckpt: bool):
 
         apply_liger_kernel_to_olmo3(fused_linear_cross_entropy=False, model=model)
     add_fused_lm_head(model)
-    if "compile" in variant:
-        compile_decoder_layers(model)
+    if "compile" in variant:  # compile_ckpt: the checkpoint traced inside the compiled graph
+        compile_decoder_layers(model, traced_checkpoint="ckpt" in variant)
     if grad_ckpt:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     return model

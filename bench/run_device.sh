@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark on the lent GPU machine (see bench/README.md): installs the carried wheels, records the environment,
-# runs B's GPU attention tests and bench_dpo.py once per argument group ("arch[:extra flags]"), logs under $OUT.
+# runs the GPU attention tests and bench_dpo.py once per argument group ("arch[:extra flags]"), logs under $OUT.
+# PARALLEL=1 runs group i on GPU i, all at once; RUN_GPU_TESTS=0 skips the tests.
 # Usage: bash bench/run_device.sh "tiny_olmo3:--pairs 64 --warmup-steps 1 --steps 1" "gpt_neox_1.4b"
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that comes back}
@@ -24,12 +25,26 @@ PY
 if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
   timeout 300 python3 -m pytest -q --run-gpu -m gpu -p no:cacheprovider tests/test_attention_backends.py 2>&1 | tail -15 | tee -a "$OUT/env.txt"
 fi
-status=0
-for group in "$@"; do
-  arch=${group%%:*}; extra=""; [ "$group" != "$arch" ] && extra=${group#*:}
+bench() {  # bench GROUP INDEX [GPU]
+  local arch=${1%%:*} extra="" log="$OUT/log_$2_${1%%:*}.txt"
+  [ "$1" != "$arch" ] && extra=${1#*:}
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" \
-    > "$OUT/log_$arch.txt" 2>&1 || status=1
-  grep -v "Reference log-probs:" "$OUT/log_$arch.txt" | tail -12
+  CUDA_VISIBLE_DEVICES=${3:-${CUDA_VISIBLE_DEVICES:-}} timeout "${BENCH_TIMEOUT:-480}" \
+    python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
+}
+status=0 i=0 pids=()
+for group in "$@"; do
+  if [ "${PARALLEL:-0}" = 1 ]; then  # one group per GPU, all at once
+    bench "$group" "$i" "$i" &
+    pids+=($!)
+  else
+    bench "$group" "$i" || status=1
+  fi
+  i=$((i + 1))
+done
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for log in "$OUT"/log_*.txt; do
+  echo "== $log"
+  grep -v "Reference log-probs:" "$log" | tail -12
 done
 exit $status

@@ -2,6 +2,8 @@
 # Issue 7 on an N-GPU device machine (device tool, carry .whl and .gpucheck): each argument is one phase.
 #   zero2:ARCH:MAX_LENGTH[:extra zero2_first_step.py flags]  one `accelerate launch` of N processes under
 #       accelerate_config.yaml (DeepSpeed ZeRO-2), bench/zero2_first_step.py; JSON in $OUT/results
+#   scaling:ARCH  the fast path under ZeRO-2 on 1 GPU and on N at the same global batch (32 pairs): first-step
+#       losses and gradient norms, tokens/s per GPU; bench/zero2_first_step.py --compare writes the comparison
 #   usr1   scripts/launch.sh think on all GPUs (the launcher sbatch runs, here without Slurm), SIGUSR1 after the
 #       first logged step -> complete checkpoint, exit 75; the same command again resumes and finishes
 # Usage: bash bench/run_multi_gpu.sh "zero2:gpt_neox_6.9b:8192:--grad-ckpt --compile-layers" usr1
@@ -25,6 +27,19 @@ zero2() {
         >"$OUT/$name.log" 2>&1
     echo "== $name rc=$?"
     grep -E '^\{|OutOfMemory' "$OUT/$name.log" | cut -c1-900 | tail -4
+}
+
+scaling() {
+    local arch=$1 n
+    for n in 1 "$N"; do
+        timeout "${PHASE_TIMEOUT:-300}" python3 -m accelerate.commands.launch --config_file accelerate_config.yaml \
+            --num_processes "$n" bench/zero2_first_step.py --arch "$arch" --out "$OUT/results/zero2_${arch}_n$n.json" \
+            >"$OUT/scaling_n$n.log" 2>&1
+        echo "== scaling $arch n=$n rc=$?"
+        grep -E '^\{|Error' "$OUT/scaling_n$n.log" | cut -c1-600 | tail -3
+    done
+    python3 bench/zero2_first_step.py --compare "$OUT/results/zero2_${arch}_n1.json" "$OUT/results/zero2_${arch}_n$N.json" \
+        --compare-out "$OUT/results/zero2_${arch}_compare.json"
 }
 
 usr1() {
@@ -57,6 +72,7 @@ for phase in "$@"; do
         IFS=: read -r _ arch max_length extra <<<"$phase"
         zero2 "$arch" "$max_length" "${extra:-}"
         ;;
+    scaling:*) scaling "${phase#scaling:}" ;;
     usr1) usr1 ;;
     *) echo "unknown phase $phase" ;;
     esac

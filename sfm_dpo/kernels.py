@@ -13,9 +13,12 @@ The attention function stays inside the graph: torch's `varlen_attn` is a custom
 attention 2 and our sdpa/flex references are traced or break the graph on their own.
 """
 
+import functools
+import inspect
 import logging
 
 import torch
+import torch.utils.checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +39,47 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def _compiled_class(cls: type) -> type:
+def _compiled_class(cls: type, traced_checkpoint: bool = False) -> type:
     """A subclass of the layer class whose `forward` runs the original one compiled. Swapping the class, not wrapping
     instances, keeps deepcopy and the state dict as they were. Under gradient checkpointing transformers wraps the
     subclass's `forward` in the checkpoint too (`GradientCheckpointingLayer.__init_subclass__`, outermost wrapper only),
     so the checkpoint stays eager around the compiled forward (`nn.Module.compile` put it inside the graph, where
     dynamo broke the graph and ran the layer eagerly). Both trained 2.2-2.4x slower than eager layers at 6.86B on an
     H100, so `sfm_dpo.fast_path` does not compile under checkpointing; PyTorch's supported combination is
-    `compile(checkpoint(fn))` with the checkpoint traced (pytorch/pytorch#143176), not tried yet."""
-    if cls not in _COMPILED_CLASSES:
-        compiled_forward = torch.compile(cls.forward, dynamic=True)
+    `compile(checkpoint(fn))` with the checkpoint traced (pytorch/pytorch#143176): `traced_checkpoint=True`."""
+    if (cls, traced_checkpoint) not in _COMPILED_CLASSES:
+        if traced_checkpoint:
+            compiled_forward = torch.compile(_checkpointed(inspect.unwrap(cls.forward)), dynamic=True)
+        else:
+            compiled_forward = torch.compile(cls.forward, dynamic=True)
 
         def forward(self, *args, **kwargs):
             return compiled_forward(self, *args, **kwargs)
 
-        _COMPILED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_sfm_compiled": True})
-    return _COMPILED_CLASSES[cls]
+        if traced_checkpoint:  # set after the class exists, so that transformers does not wrap it in its checkpoint
+            compiled_cls = type(cls.__name__, (cls,), {"_sfm_compiled": True})
+            compiled_cls.forward = forward
+        else:
+            compiled_cls = type(cls.__name__, (cls,), {"forward": forward, "_sfm_compiled": True})
+        _COMPILED_CLASSES[cls, traced_checkpoint] = compiled_cls
+    return _COMPILED_CLASSES[cls, traced_checkpoint]
 
 
-_COMPILED_CLASSES: dict[type, type] = {}
+def _checkpointed(layer_forward):
+    """The layer's own forward, under a non-reentrant activation checkpoint when transformers' checkpointing is on
+    (`GradientCheckpointingLayer`'s test), for dynamo to trace: `compile(checkpoint(fn))`, pytorch/pytorch#143176."""
+
+    def forward(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                functools.partial(layer_forward, self, **kwargs), *args, use_reentrant=False
+            )
+        return layer_forward(self, *args, **kwargs)
+
+    return forward
+
+
+_COMPILED_CLASSES: dict[tuple[type, bool], type] = {}
 
 
 def layers_compiled(model) -> bool:
@@ -62,9 +87,10 @@ def layers_compiled(model) -> bool:
     return all(getattr(layer, "_sfm_compiled", False) for layer in decoder_layers(model))
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, traced_checkpoint: bool = False) -> int:
     """Compiles the forward of every decoder layer of `model` in place (dynamic shapes). Returns how many were
-    compiled; calling it again is a no-op."""
+    compiled; calling it again is a no-op. `traced_checkpoint`: under gradient checkpointing, the checkpoint is inside
+    the compiled graph (non-reentrant) instead of eager around it."""
     if layers_compiled(model):
         return 0
     layers = decoder_layers(model)
@@ -74,7 +100,7 @@ def compile_decoder_layers(model) -> int:
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for layer in layers:
         if not getattr(layer, "_sfm_compiled", False):
-            layer.__class__ = _compiled_class(type(layer))
+            layer.__class__ = _compiled_class(type(layer), traced_checkpoint)
     logger.info(
         "Compiled the forward of %d decoder layers (%s) with torch.compile(dynamic=True).",
         len(layers), type(layers[0]).__name__,

@@ -20,6 +20,7 @@ from sfm_dpo.packing import (
     packed_logps,
     pair_tokens,
     reference_logps_fn,
+    stratified_order,
 )
 from sfm_dpo.tiny import build_tiny_model
 
@@ -141,6 +142,33 @@ def test_token_budget_sampler_invariants(world_size):
     assert {key[2] for keys in stream[: sampler.microbatches_per_step * world_size] for key in keys} == {32}
     assert {key[2] for key in stream[-1]} == {11}
     assert stream[world_size] == [(i, w, 32) for i, w in plans[1][0][0][1]]  # step 0, micro-batch 1, rank 0
+
+
+def test_steps_hold_one_pair_of_every_length_stratum():
+    """Each full step takes one row of each stratum of the sorted lengths (rank // steps), in a seeded random step; the
+    last partial step takes random rows. So steps cost nearly the same tokens and need fewer micro-batches."""
+    rng = random.Random(0)
+    tokens = rng.sample(range(50, 5000), 8 * 20 + 5)  # distinct lengths: the strata are exact; 20 steps of 8 + 5
+    order = stratified_order(tokens, 8, torch.Generator().manual_seed(3))
+    assert sorted(order) == list(range(len(tokens)))
+    full = order[:160]
+    stratum = {row: k // 20 for k, row in enumerate(sorted(full, key=tokens.__getitem__))}
+    steps = [full[s : s + 8] for s in range(0, 160, 8)]
+    assert all(sorted(stratum[row] for row in step) == list(range(8)) for step in steps)
+    assert stratified_order(tokens, 8, torch.Generator().manual_seed(3)) == order
+    again = stratified_order(tokens, 8, torch.Generator().manual_seed(4))
+    assert [sorted(again[s : s + 8]) for s in range(0, 160, 8)] != [sorted(step) for step in steps]
+    assert sorted(order[160:]) != sorted(
+        sorted(range(165), key=tokens.__getitem__)[-5:]
+    )  # random rows, not the longest
+    # Long-tailed lengths at one micro-batch budget: the costliest step sets the count for all (equalize_plan).
+    tokens = [int(rng.lognormvariate(7, 1.0)) + 4 for _ in range(4096)]
+    sampler = TokenBudgetBatchSampler(tokens, 128, 4, seed=0, max_tokens_per_microbatch=8192)
+    steps_tokens = [sum(tokens[i] for bins in step for b in bins for i, w in b if w) for step in sampler.plan(0)]
+    assert max(steps_tokens) < 1.1 * min(steps_tokens)
+    permutation = torch.randperm(4096, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = [sum(tokens[i] for i in permutation[s : s + 128]) for s in range(0, 4096, 128)]
+    assert max(plain) > 1.2 * min(plain)  # what plain slices of a permutation give
 
 
 def test_fixed_pair_count_sampler():
