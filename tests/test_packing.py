@@ -55,6 +55,41 @@ def test_pack_pairs_layout_by_hand():
         pack_pairs([])
 
 
+def _pack_by_lists(rows: list[dict]) -> dict[str, list]:
+    """The packed layout spelled out with lists, one token at a time: the reference for the vectorized pack_pairs."""
+    out = {"input_ids": [], "position_ids": [], "shift_labels": [], "sequence_index": [], "completion_lengths": []}
+    for row in rows:
+        for completion in (row["chosen_ids"], row["rejected_ids"]):
+            ids = list(row["prompt_ids"]) + list(completion)
+            is_completion = [False] * len(row["prompt_ids"]) + [True] * len(completion)
+            for t, token in enumerate(ids):
+                out["input_ids"].append(token)
+                out["position_ids"].append(t)
+                out["shift_labels"].append(ids[t + 1] if t + 1 < len(ids) and is_completion[t + 1] else -100)
+                out["sequence_index"].append(len(out["completion_lengths"]))
+            out["completion_lengths"].append(len(completion))
+    return out
+
+
+def test_pack_pairs_matches_the_layout_built_token_by_token():
+    rng = random.Random(0)
+    for _ in range(20):
+        rows = [
+            {name: [rng.randrange(1, 1000) for _ in range(rng.choice([0, 1, 2, rng.randrange(3, 60)]))]
+             for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+            for _ in range(rng.randrange(1, 6))
+        ]  # fmt: skip
+        for row in rows:
+            row["prompt_ids"] = row["prompt_ids"] or ([] if row["chosen_ids"] and row["rejected_ids"] else [5])
+        batch, want = pack_pairs(rows), _pack_by_lists(rows)
+        for name in ("input_ids", "position_ids", "shift_labels"):
+            assert batch[name].tolist() == [want[name]] and batch[name].dtype == torch.long, name
+        assert batch["sequence_index"].tolist() == want["sequence_index"]
+        assert batch["completion_lengths"].tolist() == want["completion_lengths"]
+    with pytest.raises(ValueError, match="empty sequence"):
+        pack_pairs([{"prompt_ids": [], "chosen_ids": [1], "rejected_ids": []}])
+
+
 class MaxAllocation(TorchDispatchMode):
     """Largest tensor (elements) produced by any op while active."""
 
