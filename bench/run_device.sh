@@ -5,6 +5,11 @@
 # Usage: bash bench/run_device.sh "tiny_olmo3:--pairs 64 --warmup-steps 1 --steps 1" "gpt_neox_1.4b"
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that comes back}
+# The device tool brings back only a few files: everything is written to a work folder and comes back as one
+# archive, $OUT/bench.tgz (also when a phase fails).
+DEST=$OUT
+OUT=$(mktemp -d)
+trap 'tar czf "$DEST/bench.tgz" -C "$OUT" .' EXIT
 mkdir -p "$OUT/results"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_MININTERVAL=10

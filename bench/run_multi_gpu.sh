@@ -9,6 +9,11 @@
 # Usage: bash bench/run_multi_gpu.sh "zero2:gpt_neox_6.9b:8192:--grad-ckpt --compile-layers" usr1
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that comes back}
+# The device tool brings back only a few files: everything is written to a work folder and comes back as one
+# archive, $OUT/multi_gpu.tgz (also when a phase fails).
+DEST=$OUT
+OUT=$(mktemp -d)
+trap 'tar czf "$DEST/multi_gpu.tgz" -C "$OUT" .' EXIT
 N=${N:-$(nvidia-smi -L | wc -l)}
 mkdir -p "$OUT/results"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
