@@ -28,9 +28,13 @@ def rows(record: dict) -> list[str]:
         if path == "fast" and "same_first_batch" in record:
             c = record["same_first_batch"]["loss_fixed_ref"]
             loss = f"{c['stock']:.4f} / {c['fast']:.4f}"
+        label = path
+        if path == "fast":  # the settings that changed between runs
+            label += f" ({r.get('token_budget', 16384) // 1024}k{', compiled' if r.get('compile_layers') else ''}"
+            label += f"{', grad ckpt' if r.get('gradient_checkpointing') else ''})"
         out.append(
-            f"| {record['date'][:10]} | {record['gpu']} | {record['arch']} ({record['model_params'] / 1e9:.2f}B) | "
-            f"{path} | {r['samples_per_s']:.2f} | {r['real_tokens_per_s']:,.0f} | {train} | {ref} | "
+            f"| {record['date'][:16].replace('T', ' ')} | {record['gpu']} | {record['arch']} "
+            f"({record['model_params'] / 1e9:.2f}B) | {label} | {r['samples_per_s']:.2f} | {r['real_tokens_per_s']:,.0f} | {train} | {ref} | "
             f"{100 * r['mfu']:.1f}% | {100 * r['mfu_with_attention']:.1f}% | {r['peak_mem_gib']:.1f} | "
             f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) | {speedup} | {loss} |"
         )
