@@ -68,19 +68,20 @@ def step(model, batch, train: bool) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def run(model, batches, train: bool, warmup: int) -> tuple[float, int]:
-    """Seconds and real tokens of `batches[warmup:]`."""
+def run(model, batches, train: bool, warmup: int) -> tuple[float, int, list[float]]:
+    """Seconds, real tokens and per-batch seconds of `batches[warmup:]`."""
     model.train(train)
-    seconds, tokens = 0.0, 0
+    seconds, tokens, per_batch = 0.0, 0, []
     for i, batch in enumerate(batches):
         torch.cuda.synchronize()
         start = time.perf_counter()
         step(model, batch, train)
         torch.cuda.synchronize()
         if i >= warmup:
-            seconds += time.perf_counter() - start
+            per_batch.append(time.perf_counter() - start)
+            seconds += per_batch[-1]
             tokens += batch["input_ids"].shape[1]
-    return seconds, tokens
+    return seconds, tokens, per_batch
 
 
 def kernel_table(model, batches, train: bool, rows: int) -> str:
@@ -105,6 +106,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--profile-rows", type=int, default=18)
+    parser.add_argument("--repeat", action="store_true", help="time the training batches again (seen shapes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -118,17 +120,23 @@ def main() -> int:
         n_params = sum(p.numel() for p in model.parameters())
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        seconds, tokens = run(model, train_batches, True, args.warmup)
+        seconds, tokens, per_batch = run(model, train_batches, True, args.warmup)
         record = {"variant": variant, "arch": args.arch, "n_params": n_params, "grad_ckpt": args.grad_ckpt,
                   "train_budget": args.budget, "train_tokens_per_s": tokens / seconds,
                   "train_mfu": 6 * n_params * tokens / seconds / PEAK_FLOPS,
                   "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                  "train_first_batches_s": time.perf_counter() - start - seconds}  # fmt: skip
+                  "train_first_batches_s": time.perf_counter() - start - seconds,
+                  "train_batch_s": per_batch, "train_batch_tokens": [b["input_ids"].shape[1] for b in
+                                                                     train_batches[args.warmup:]]}  # fmt: skip
+        if args.repeat:  # the same batches again: shapes already seen
+            seconds, tokens, per_batch = run(model, train_batches[args.warmup :], True, 0)
+            record["train_tokens_per_s_seen_shapes"] = tokens / seconds
+            record["train_batch_s_seen_shapes"] = per_batch
         for budget in ref_budgets:
             n_ref = args.warmup + max(3, args.batches * args.budget // budget)
             ref_batches = micro_batches(args.arch, budget, n_ref, args.max_length, seed=1)
             torch.cuda.reset_peak_memory_stats()
-            seconds, tokens = run(model, ref_batches, False, args.warmup)
+            seconds, tokens, _ = run(model, ref_batches, False, args.warmup)
             record[f"ref_tokens_per_s@{budget}"] = tokens / seconds
             record[f"ref_mfu@{budget}"] = 2 * n_params * tokens / seconds / PEAK_FLOPS
             record[f"ref_peak_gib@{budget}"] = torch.cuda.max_memory_allocated() / 2**30
