@@ -39,7 +39,7 @@ def _reference_pass(args, state, model, dataset, cuda):
     backend = select_backend("auto", state.device, torch.bfloat16 if cuda else torch.float32)
     apply_backend(model, backend)
     add_fused_lm_head(model)
-    if args.compile_layers and not args.grad_ckpt:  # as sfm_dpo.fast_path: never under gradient checkpointing
+    if args.compile_layers:  # as sfm_dpo.fast_path
         compile_decoder_layers(model)
 
     # Reference pass before the trainer: under ZeRO-2 the model is whole on each rank, already on its GPU, in the
@@ -51,7 +51,7 @@ def _reference_pass(args, state, model, dataset, cuda):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not deepspeed else None
     ref_budget = args.ref_token_budget or REF_BUDGET_FACTOR * args.token_budget
     compute_fn = reference_logps_fn(model, state.device, max_tokens=ref_budget, context=autocast)
-    if args.compile_layers and not args.grad_ckpt:  # compile the no-grad graph outside the timed pass (once per run)
+    if args.compile_layers:  # compile the no-grad graph outside the timed pass (once per run)
         compute_fn([{k: dataset[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
     if cuda:
         torch.cuda.synchronize()

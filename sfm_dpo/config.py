@@ -80,7 +80,8 @@ class ScriptArguments(trl.ScriptArguments):
         default=False,
         metadata={
             "help": "Fast path: torch.compile each decoder layer (fuses norms, rotary, activation and casts around the "
-            "matmuls; sfm_dpo/kernels.py). Costs a minute of compilation at start-up, pays on GPUs."
+            "matmuls; sfm_dpo/kernels.py). Costs a minute of compilation at start-up, pays on GPUs: on an H100 +24-60%% "
+            "training at 1.5B, +8%% training and +17%% reference pass at 6.86B with gradient checkpointing."
         },
     )
     ref_tokens_per_batch: int | None = field(

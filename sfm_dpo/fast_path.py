@@ -93,13 +93,9 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
             "--padding_free false for the stock path."
         )
     backend = select_backend_for_model(script_args.attn_backend, model, training_args)
-    if script_args.compile_layers and training_args.gradient_checkpointing:
-        # Measured on an H100 (6.86B, bench/results/20261125-profile_gpt_neox_6.9b_ckpt*.json): compiled layers under
-        # activation checkpointing trained 2.2x slower than eager ones. Compiling the reference pass alone would give
-        # the reference other kernels than the training forward (step 1 no longer ln 2), so nothing is compiled.
-        logger.warning("--compile_layers is ignored with gradient checkpointing (slower there, H100): eager layers.")
-    elif script_args.compile_layers:
-        # Before the reference pass, so that it runs compiled too (faster, and closer to the training kernels).
+    if script_args.compile_layers:
+        # Before the reference pass, so that it runs compiled too (faster, and the same kernels as training). Under
+        # gradient checkpointing the checkpoint stays eager around each compiled layer (sfm_dpo/kernels.py).
         compile_decoder_layers(model)
     if training_args.precompute_ref_log_probs:
         train_dataset = attach_reference_logps(

@@ -44,9 +44,14 @@ def _compiled_class(cls: type, traced_checkpoint: bool = False) -> type:
     instances, keeps deepcopy and the state dict as they were. Under gradient checkpointing transformers wraps the
     subclass's `forward` in the checkpoint too (`GradientCheckpointingLayer.__init_subclass__`, outermost wrapper only),
     so the checkpoint stays eager around the compiled forward (`nn.Module.compile` put it inside the graph, where
-    dynamo broke the graph and ran the layer eagerly). Both trained 2.2-2.4x slower than eager layers at 6.86B on an
-    H100, so `sfm_dpo.fast_path` does not compile under checkpointing; PyTorch's supported combination is
-    `compile(checkpoint(fn))` with the checkpoint traced (pytorch/pytorch#143176): `traced_checkpoint=True`."""
+    dynamo broke the graph). `traced_checkpoint=True` instead traces a non-reentrant checkpoint into the graph,
+    PyTorch's supported `compile(checkpoint(fn))` (pytorch/pytorch#143176); it is tested, not the default.
+
+    Measured on an H100 with gradient checkpointing (bench/results/20261125-profile_*ckpt*.json), eager checkpoint
+    around the compiled forward: +12% training at 1.41B, +8% training and +17% reference pass at 6.86B. Earlier 6.86B
+    runs read 2.2-2.7x slower: each timed 5 micro-batches and one of them recompiled (inductor specializes the first
+    graph on rows of >= 8192 tokens for 32-bit indexing, so the first shorter row compiles a second graph, ~9 s), which
+    a run pays once."""
     if (cls, traced_checkpoint) not in _COMPILED_CLASSES:
         if traced_checkpoint:
             compiled_forward = torch.compile(_checkpointed(inspect.unwrap(cls.forward)), dynamic=True)
