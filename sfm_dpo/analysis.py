@@ -12,7 +12,6 @@ max(chosen, rejected) tokens: the number max_length bounds. "Sequence tokens" ar
 twice: 2 * prompt + chosen + rejected (TRL's `num_tokens` counts these).
 """
 
-import bisect
 import logging
 import math
 from collections.abc import Sequence
@@ -210,25 +209,6 @@ def first_fit_decreasing(costs: Sequence[int], budget: int) -> list[list[int]]:
         else:
             rows[j].append(i)
             room[j] -= costs[i]
-    return rows
-
-
-def best_fit_decreasing(costs: Sequence[int], budget: int) -> list[list[int]]:
-    """Like `first_fit_decreasing` but into the fullest row with room, found by bisection: O(N log N) where first-fit
-    is O(N x rows), for whole-epoch packing bounds."""
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        if costs[i] > budget:
-            raise ValueError(f"An item of {costs[i]} tokens exceeds the packing budget of {budget} tokens.")
-        k = bisect.bisect_left(free, (costs[i], -1))
-        if k == len(free):
-            rows.append([i])
-            bisect.insort(free, (budget - costs[i], len(rows) - 1))
-        else:
-            room, j = free.pop(k)
-            rows[j].append(i)
-            bisect.insort(free, (room - costs[i], j))
     return rows
 
 
