@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers.trainer_callback import ExportableState, TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
 from .attention import apply_backend, select_backend_for_model
@@ -63,6 +64,34 @@ def _check_supported(args, model) -> None:
             f"The packed fast path (padding_free=True) does not support: {'; '.join(problems)}. Set "
             "--padding_free false to train with stock TRL."
         )
+
+
+class PackingPlanRecord(TrainerCallback, ExportableState):
+    """Keeps the digest of the micro-batch plan in each checkpoint's trainer_state.json (`stateful_callbacks`) and warns
+    when a run resumes with another plan. A resumed Trainer skips the micro-batches already trained by count, so with
+    another plan (other seed, data, token budget or planner code) the rest of the epoch is not the rest of the original
+    order: some pairs train twice in that epoch and others not at all."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def state(self) -> dict:
+        return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        name = type(self).__name__
+        saved = state.stateful_callbacks.get(name)
+        if saved is None:  # a checkpoint from before this record: transformers' next save would fail on the key
+            state.stateful_callbacks[name] = self.state()
+            if state.global_step > 0:
+                logger.warning("The checkpoint has no record of its micro-batch plan; resuming without checking it.")
+        elif saved["args"]["fingerprint"] != self.fingerprint and state.global_step > 0:
+            logger.warning(
+                "The micro-batch plan differs from the checkpoint's (%s, now %s): the seed, the data, the token budget "
+                "or the planner changed. Training goes on from step %d of the new plan, so the rest of this epoch does "
+                "not follow the original order (some pairs train twice in it, others not at all).",
+                saved["args"]["fingerprint"], self.fingerprint, state.global_step,
+            )  # fmt: skip
 
 
 class FastDPOTrainer(SFMDPOTrainer):
@@ -160,6 +189,7 @@ class FastDPOTrainer(SFMDPOTrainer):
         self.loss_is_scaled_for_ga = True
         # Per logging window: [2, metrics] sums and counts, and real tokens, on this rank's device; gathered in `log`.
         self._window = {"train": None, "eval": None}
+        self.add_callback(PackingPlanRecord(self.batch_sampler.fingerprint()))
 
     # --- data --------------------------------------------------------------------------------------------------------
 

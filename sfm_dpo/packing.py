@@ -12,6 +12,8 @@ token), so no prediction ever crosses a sequence boundary, even for an empty pro
 """
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -381,6 +383,11 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.microbatches_per_step * self.world_size
+
+    def fingerprint(self) -> str:
+        """A digest of every planned micro-batch (rows and weights, all epochs): equal plans, equal digests."""
+        plan = json.dumps([self.microbatches_per_step, self._plans], separators=(",", ":"))
+        return hashlib.sha256(plan.encode()).hexdigest()[:16]
 
     def stats(self) -> dict[str, float]:
         """Token counts per micro-batch over epoch 0's plan, fillers included (what memory must hold)."""

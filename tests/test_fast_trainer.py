@@ -248,3 +248,33 @@ def _two_rank_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     _two_rank_worker(Path(sys.argv[1]))
+
+
+def test_resume_checks_the_micro_batch_plan(tmp_path, caplog):
+    """The plan's digest is in every checkpoint (trainer_state.json): resuming with the same plan is silent, with
+    another one (here another seed) it warns, and a checkpoint written before the record resumes and saves again."""
+    rows = make_rows(24, seed=8, max_completion=40)
+    settings = dict(attn_backend="sdpa", max_tokens_per_microbatch=160, max_steps=2, save_strategy="steps",
+                    save_steps=1, optim="sgd", learning_rate=0.1)  # fmt: skip
+    first = build(FastDPOTrainer, tmp_path, rows, **settings)
+    first.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["PackingPlanRecord"]
+    assert saved["args"]["fingerprint"] == first.batch_sampler.fingerprint()
+
+    def resume(**overrides):
+        caplog.clear()
+        trainer = build(FastDPOTrainer, tmp_path, rows, **{**settings, **overrides})
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        assert trainer.state.global_step == 2
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    with caplog.at_level("WARNING"):
+        assert not any("micro-batch plan" in m for m in resume())
+        other_seed = resume(seed=1)
+        assert any("micro-batch plan differs from the checkpoint's" in m for m in other_seed), other_seed
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        del state["stateful_callbacks"]["PackingPlanRecord"]
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+        assert any("no record of its micro-batch plan" in m for m in resume())
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
