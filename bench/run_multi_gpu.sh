@@ -22,26 +22,26 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_H
 export NCCL_NVLS_ENABLE=0 VENV=none PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True # as scripts/launch.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/env.txt"
 
-zero2() {
-    local arch=$1 max_length=$2 extra=$3 name
-    name="zero2_${arch}_${max_length}_n${N}$(echo "$extra" | tr -d ' -' | tr -c 'a-zA-Z0-9\n' _)"
-    # shellcheck disable=SC2086
+run_zero2() {  # run_zero2 NAME N_PROCESSES [zero2_first_step.py flags]: one accelerate launch; NAME.log, NAME.json
+    local name=$1 n=$2
+    shift 2
     timeout "${PHASE_TIMEOUT:-300}" python3 -m accelerate.commands.launch --config_file accelerate_config.yaml \
-        --num_processes "$N" bench/zero2_first_step.py --arch "$arch" --max-length "$max_length" \
-        --token-budget $((2 * max_length)) --steps 2 --warmup-steps 1 $extra --out "$OUT/results/$name.json" \
-        >"$OUT/$name.log" 2>&1
+        --num_processes "$n" bench/zero2_first_step.py "$@" --out "$OUT/results/$name.json" >"$OUT/$name.log" 2>&1
     echo "== $name rc=$?"
-    grep -E '^\{|OutOfMemory' "$OUT/$name.log" | cut -c1-900 | tail -4
+    grep -E '^\{|OutOfMemory|Error' "$OUT/$name.log" | cut -c1-900 | tail -4
+}
+
+zero2() {
+    local arch=$1 max_length=$2 extra=$3
+    # shellcheck disable=SC2086
+    run_zero2 "zero2_${arch}_${max_length}_n${N}$(echo "$extra" | tr -d ' -' | tr -c 'a-zA-Z0-9\n' _)" "$N" \
+        --arch "$arch" --max-length "$max_length" --token-budget $((2 * max_length)) --steps 2 --warmup-steps 1 $extra
 }
 
 scaling() {
     local arch=$1 n
     for n in 1 "$N"; do
-        timeout "${PHASE_TIMEOUT:-300}" python3 -m accelerate.commands.launch --config_file accelerate_config.yaml \
-            --num_processes "$n" bench/zero2_first_step.py --arch "$arch" --out "$OUT/results/zero2_${arch}_n$n.json" \
-            >"$OUT/scaling_n$n.log" 2>&1
-        echo "== scaling $arch n=$n rc=$?"
-        grep -E '^\{|Error' "$OUT/scaling_n$n.log" | cut -c1-600 | tail -3
+        run_zero2 "zero2_${arch}_n$n" "$n" --arch "$arch"
     done
     python3 bench/zero2_first_step.py --compare "$OUT/results/zero2_${arch}_n1.json" "$OUT/results/zero2_${arch}_n$N.json" \
         --compare-out "$OUT/results/zero2_${arch}_compare.json"

@@ -321,8 +321,7 @@ class FastDPOTrainer(SFMDPOTrainer):
             mode = "train" if self.model.training else "eval"
             window, self._window[mode] = self._window[mode], None
             if window is not None:
-                gathered = self.accelerator.gather(window[None]).sum(0).tolist()
-                sums, counts = gathered
+                sums, counts = self.accelerator.gather(window[None]).sum(0).tolist()
                 for key, total, count in zip(PAIR_METRICS + TOKEN_METRICS, sums, counts):
                     self._metrics[mode][key] = [total / count if count > 0 else 0.0]
                 if mode == "train":

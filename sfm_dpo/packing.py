@@ -182,12 +182,12 @@ def reference_logps_fn(
 # One optimizer step = `pairs_per_step` pairs (the recipe's effective batch, 128), each pair in a random step as with
 # the stock sampler, but stratified by length (`stratified_order`: one pair of every length stratum per step), so all
 # steps cost about the same tokens. The step's pairs are dealt to the ranks (equal pair counts, balanced tokens), and
-# each rank's share is cut into micro-batches that fit the token budget (first-fit decreasing). DeepSpeed and accelerate count a fixed number of micro-batches
-# per optimizer step (`gradient_accumulation_steps`), so every (step, rank) gets exactly the same number M: the most
-# any of them needs; the others split their largest micro-batches further, and a rank short of pairs (the last,
-# partial step) runs a zero-weight filler pair, whose forward and backward keep the collectives in step. The loss of a
-# micro-batch is its pairs' summed loss times world_size / pairs_in_step, so one step's gradient is exactly the mean
-# over its pairs, whatever the split (see `FastDPOTrainer`).
+# each rank's share is cut into micro-batches that fit the token budget (first-fit decreasing). DeepSpeed and accelerate
+# count a fixed number of micro-batches per optimizer step (`gradient_accumulation_steps`), so every (step, rank) gets
+# exactly the same number M: the most any of them needs; the others split their largest micro-batches further, and a
+# rank short of pairs (the last, partial step) runs a zero-weight filler pair, whose forward and backward keep the
+# collectives in step. The loss of a micro-batch is its pairs' summed loss times world_size / pairs_in_step, so one
+# step's gradient is exactly the mean over its pairs, whatever the split (see `FastDPOTrainer`).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
