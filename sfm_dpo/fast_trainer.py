@@ -103,6 +103,8 @@ class FastDPOTrainer(SFMDPOTrainer):
         `per_device_train_batch_size` pairs per micro-batch (packed, balanced by tokens). With a budget,
         `gradient_accumulation_steps` is replaced by the number of micro-batches the data needs per step.
     pairs_per_step: pairs per optimizer step over all ranks; default per_device x accumulation x world size.
+    reference_cache: the folder the precomputed reference log-probs were read from (or written to), named in the
+        errors of the start-of-training check that the policy still reproduces them; None when not cached.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class FastDPOTrainer(SFMDPOTrainer):
         attn_backend: str = "auto",
         max_tokens_per_microbatch: int | None = None,
         pairs_per_step: int | None = None,
+        reference_cache: str | None = None,
         train_dataset=None,
         data_collator=None,
         **kwargs,
@@ -121,6 +124,7 @@ class FastDPOTrainer(SFMDPOTrainer):
         if args is None or isinstance(model, str):
             raise ValueError("FastDPOTrainer needs an instantiated model and a DPOConfig.")
         self.packed = bool(args.padding_free)
+        self.reference_cache = reference_cache
         if not self.packed:
             logger.info("padding_free=False: stock TRL padded batches (SFMDPOTrainer), for comparison.")
             super().__init__(

@@ -29,6 +29,15 @@ REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER_ENV = "SFM_REQUEUE_MARKER"
 
 
+class Preempted(Exception):
+    """A preemption signal arrived before training could checkpoint it at a step end (data preparation, the reference
+    pass, start-up): what was done is kept (the reference pass's shards), and the job should exit for a requeue."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"preempted during {stage}")
+        self.stage = stage
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (a no-op without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
