@@ -10,6 +10,10 @@ gradients:
 - Without DeepSpeed, the Trainer calls `optimizer.step()` after `on_pre_optimizer_step`; there we drop every gradient
   (`p.grad = None`, which torch optimizers skip) when any rank saw a non-finite loss or gradient.
 The decision is all-reduced, so every rank skips (and stops) at the same step.
+
+Both counters (the streak and the total `nonfinite_steps`) live in each checkpoint's trainer_state.json, through
+transformers' stateful callbacks (`ExportableState`), and are restored on resume: a streak that spans a requeue
+still stops the run, and the total counts the whole run, not this job's part of it.
 """
 
 import logging
@@ -17,6 +21,7 @@ import math
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .preemption import any_rank
 
@@ -27,10 +32,36 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-class _NonFiniteCallback(TrainerCallback):
+class _NonFiniteCallback(TrainerCallback, ExportableState):
     def __init__(self, trainer: "NonFiniteGuardMixin"):
         self.trainer = trainer
         self.step_bad = False  # agreed by all ranks for the current optimizer step
+
+    def state(self) -> dict:
+        trainer = self.trainer
+        counters = {"consecutive_nonfinite_steps": trainer.consecutive_nonfinite_steps}
+        return {"args": {}, "attributes": {**counters, "nonfinite_steps": trainer.nonfinite_steps}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Read back here rather than through `restore_callback_states_from_checkpoint` (off by default, and it would
+        # rebuild the callback from its args, which cannot hold the trainer).
+        name = type(self).__name__
+        saved = state.stateful_callbacks.get(name)
+        if (
+            saved is None
+        ):  # fresh, or a checkpoint from before the counters were saved: transformers' save needs the key
+            if state.global_step > 0:
+                logger.warning("The checkpoint has no non-finite step counters; counting from 0 from step %d.",
+                               state.global_step)  # fmt: skip
+            state.stateful_callbacks[name] = self.state()
+            return
+        self.trainer.consecutive_nonfinite_steps = int(saved["attributes"]["consecutive_nonfinite_steps"])
+        self.trainer.nonfinite_steps = int(saved["attributes"]["nonfinite_steps"])
+        if self.trainer.nonfinite_steps:
+            logger.info(
+                "Resumed the non-finite step counters at step %d: %d in total, %d in a row.",
+                state.global_step, self.trainer.nonfinite_steps, self.trainer.consecutive_nonfinite_steps,
+            )  # fmt: skip
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer

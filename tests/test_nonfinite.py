@@ -4,6 +4,7 @@ Single process here (the plain-Trainer path: gradients dropped before `optimizer
 where DeepSpeed's own overflow check skips the step on every rank, runs in test_preemption.py's 2-rank job.
 """
 
+import json
 import math
 
 import pytest
@@ -80,3 +81,24 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
 def test_max_consecutive_nonfinite_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_consecutive_nonfinite must be >= 1"):
         tiny_trainer(tmp_path, trainer_kwargs={"max_consecutive_nonfinite": 0})
+
+
+def test_nonfinite_counters_survive_a_resume(tmp_path):
+    """Steps 1, 3 and 4 are bad and the job ends at the checkpoint of step 4 (a requeue); in the resumed job step 5 is
+    the third bad step in a row and stops the run, and the total counts all four."""
+    kwargs = dict(trainer_cls=PoisonedTrainer, trainer_kwargs={"max_consecutive_nonfinite": 3}, save_steps=4)
+    first = tiny_trainer(tmp_path, max_steps=4, **kwargs)
+    first.bad_steps = {1, 3, 4, 5}
+    first.train()
+    assert (first.nonfinite_steps, first.consecutive_nonfinite_steps) == (3, 2)
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["_NonFiniteCallback"]["attributes"] == {
+        "consecutive_nonfinite_steps": 2,
+        "nonfinite_steps": 3,
+    }
+
+    resumed = tiny_trainer(tmp_path, max_steps=8, **kwargs)
+    resumed.bad_steps = first.bad_steps
+    with pytest.raises(NonFiniteError, match=r"Stopping at step 5: 3 optimizer steps in a row"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.nonfinite_steps == 4
