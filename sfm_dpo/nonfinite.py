@@ -38,21 +38,19 @@ class _NonFiniteCallback(TrainerCallback, ExportableState):
         self.step_bad = False  # agreed by all ranks for the current optimizer step
 
     def state(self) -> dict:
-        trainer = self.trainer
-        counters = {"consecutive_nonfinite_steps": trainer.consecutive_nonfinite_steps}
-        return {"args": {}, "attributes": {**counters, "nonfinite_steps": trainer.nonfinite_steps}}
+        streak, total = self.trainer.consecutive_nonfinite_steps, self.trainer.nonfinite_steps
+        return {"args": {}, "attributes": {"consecutive_nonfinite_steps": streak, "nonfinite_steps": total}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Read back here rather than through `restore_callback_states_from_checkpoint` (off by default, and it would
         # rebuild the callback from its args, which cannot hold the trainer).
         name = type(self).__name__
         saved = state.stateful_callbacks.get(name)
-        if (
-            saved is None
-        ):  # fresh, or a checkpoint from before the counters were saved: transformers' save needs the key
+        if saved is None:  # a checkpoint from before the counters were saved: transformers' save needs the key
             if state.global_step > 0:
-                logger.warning("The checkpoint has no non-finite step counters; counting from 0 from step %d.",
-                               state.global_step)  # fmt: skip
+                logger.warning(
+                    "The checkpoint has no non-finite step counters; counting from 0 from step %d.", state.global_step
+                )
             state.stateful_callbacks[name] = self.state()
             return
         self.trainer.consecutive_nonfinite_steps = int(saved["attributes"]["consecutive_nonfinite_steps"])
