@@ -1,0 +1,149 @@
+"""Multi-node for real: `sbatch --nodes=2 scripts/dpo_train.sh` on the 2-node cluster of tests/multinode_cluster.py.
+
+The real wrapper, submitted unchanged with the demo recipe's values as overrides (tests/test_slurm.py), runs the
+launcher's multi-node path: one `accelerate launch` per node through srun, MASTER_ADDR the allocation's first node,
+machine ranks from SLURM_PROCID, c10d rendezvous, DeepSpeed ZeRO-2 over gloo between the nodes' own addresses. One
+CPU process per node (CPU_PROCESSES=1, the launcher's CPU fallback; the cluster's GPUs are fake).
+
+- The reference: the same arguments on one node, 2 processes, no Slurm (`bash scripts/launch.sh think ...`). Same
+  world size, same global batch: every step's logged numbers and the final weights must be the same.
+- One 2-node job is sent SIGUSR1 mid-training (`scancel --signal=USR1 --batch`): the launcher forwards it to both
+  nodes, both ranks save their part of one checkpoint, the job requeues itself and the second life resumes and
+  finishes. Its step log (both lives, from trainer_state.json) and its final weights equal the reference's, exactly
+  (fp32 on the CPU).
+- In another 2-node job node 2's training process is killed: the whole job fails within a bounded time (the
+  survivor does not hang in a collective), and is not requeued.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multinode_cluster import multinode_cluster  # noqa: F401  (the fixture)
+from tests.slurm_cluster import _free_port
+from tests.test_slurm import demo_overrides, final_weights, finish, job_id_of, sbatch
+
+pytestmark = pytest.mark.multinode
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo's ~6 steps last a few seconds; what matters is that the signal and the kill land during training.
+TRAIN_ARGS = {"save_steps": 1000}  # no periodic checkpoint: the only one before the end is the preemption's
+FAIL_WITHIN_S = 90  # the kill test: from the kill to the job's end (gloo's own timeout would be 30 minutes)
+# torch elastic starts each worker as `python -u train_dpo.py ...`; the agent's command line is `accelerate launch`.
+WORKER = r"python\S* -u train_dpo\.py"
+
+
+def step_log(output_dir: Path) -> list[dict]:
+    """The logged numbers of every optimizer step (trainer_state.json's log_history, both lives of a resumed run)."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "loss" in entry]
+
+
+def drop_num_tokens(entries: list[dict]) -> list[dict]:
+    return [{key: value for key, value in entry.items() if key != "num_tokens"} for entry in entries]
+
+
+def submit_two_node_job(cluster, output_dir: Path):
+    proc = sbatch(
+        cluster, "--nodes=2", "--export=ALL,CPU_PROCESSES=1",
+        "scripts/dpo_train.sh", *demo_overrides(cluster.assets, output_dir, **TRAIN_ARGS),
+    )  # fmt: skip
+    return proc, job_id_of(proc)
+
+
+def wait_for_training(proc, job_id: str, timeout: float = 300) -> Path:
+    log_path = REPO / "logs" / f"think-{job_id}.out"
+    deadline = time.monotonic() + timeout
+    while "'loss'" not in (log_path.read_text() if log_path.exists() else ""):  # step 1 is logged: training runs
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            log_path.read_text() if log_path.exists() else f"no {log_path}"
+        )
+        time.sleep(0.25)
+    return log_path
+
+
+@pytest.fixture(scope="module")
+def cluster(multinode_cluster, demo_assets):  # noqa: F811
+    multinode_cluster.assets = demo_assets
+    return multinode_cluster
+
+
+@pytest.fixture(scope="module")
+def one_node_run(demo_assets, tmp_path_factory):
+    """The same training on one node, 2 processes, no Slurm: the reference."""
+    output_dir = tmp_path_factory.mktemp("multinode") / "one-node"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
+    env.update(CPU_PROCESSES="2", MASTER_PORT=str(_free_port()))
+    cmd = ["bash", "scripts/launch.sh", "think", *demo_overrides(demo_assets, output_dir, **TRAIN_ARGS)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert "processes  2 = 1 x 2  on CPU" in log
+    return output_dir
+
+
+def test_two_node_job_matches_one_node_and_resumes_after_usr1(cluster, one_node_run, tmp_path):
+    output_dir = tmp_path / "two-node"
+    proc, job_id = submit_two_node_job(cluster, output_dir)
+    wait_for_training(proc, job_id)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    cluster.release_requeued(job_id)
+    rc, log = finish(proc, job_id)
+    assert rc == 0, log
+
+    first, second = cluster.nodes
+    lives = log.split("(requeued 1x)")
+    assert len(lives) == 2, log  # the second life's header: SLURM_RESTART_COUNT=1
+    for life in lives:
+        assert "processes  2 = 2 x 1  on CPU" in life, log
+        assert f"nodes      2 {first[:-1]}[1-2]" in life and f"(master {first}:" in life, log
+    # Both nodes' training processes got the signal (each rank says so), and both wrote their part of the checkpoint.
+    assert lives[0].count("Preemption requested (SIGUSR1 on this rank)") == 2, log
+    preempted = [line for line in log.splitlines() if "PREEMPTED: checkpoint at step" in line]
+    assert len(preempted) == 1 and f"requeueing job {job_id}" in preempted[0], log
+    step = int(preempted[0].split("step ")[1].split()[0])
+    checkpoint = output_dir / f"checkpoint-{step}"
+    assert f"Resuming from {checkpoint}" in lives[1], log
+    for rank in (0, 1):  # ZeRO-2: each rank saves its own optimizer shard
+        assert (checkpoint / f"global_step{step}" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").exists()
+    assert f"DONE: model saved to {output_dir}" in lives[1], log
+
+    reference = step_log(one_node_run)
+    assert 0 < step < len(reference), log
+    # Every step's loss, grad norm, rewards, learning rate...: exactly. But TRL's running `num_tokens` is not in the
+    # checkpoint (DPOTrainer._total_train_tokens): a resumed life counts from 0 again, so it is compared up to the
+    # preemption only.
+    got = step_log(output_dir)
+    assert [entry["num_tokens"] for entry in got[:step]] == [entry["num_tokens"] for entry in reference[:step]]
+    assert drop_num_tokens(got) == drop_num_tokens(reference)
+    expected, resumed = final_weights(one_node_run), final_weights(output_dir)
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), f"{name} differs from the 1-node run"
+
+
+def test_a_killed_node_fails_the_whole_job_without_requeue(cluster, tmp_path):
+    proc, job_id = submit_two_node_job(cluster, tmp_path / "killed")
+    wait_for_training(proc, job_id)
+    second = cluster.nodes[1]
+    workers = cluster.node_pids(second, WORKER)
+    assert len(workers) == 1, f"training processes on {second}: {workers}"
+    os.kill(workers[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    rc, log = finish(proc, job_id)
+    took = time.monotonic() - killed_at
+
+    assert rc != 0, log
+    assert took < FAIL_WITHIN_S, f"the job took {took:.0f} s to end after the kill:\n{log}"
+    assert "FAILED: training exited with" in log and "PREEMPTED" not in log, log
+    assert "(requeued" not in log, log
+    # A requeued job would be back in the queue (pending); this one is gone, or shown finished.
+    assert cluster.job_field(job_id, "Restarts") in (None, "0"), cluster.run(["scontrol", "show", "job", job_id])
+    assert not (REPO / "logs" / f".requeue-{job_id}").exists()
