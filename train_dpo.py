@@ -10,6 +10,9 @@ model, data, trainer, train, save, push.
 import logging
 import sys
 
+from sfm_dpo.versions import require_supported
+
+require_supported()  # before the heavy imports: an unsupported Python or package is one line with the fix
 import datasets
 import torch
 import transformers

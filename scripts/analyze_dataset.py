@@ -110,15 +110,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
+from sfm_dpo.versions import ANALYSIS, require_supported
+
+require_supported(ANALYSIS)  # before the heavy imports: an unsupported Python or package is one line with the fix
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
-
-from sfm_dpo.analysis import LengthSettings, analyze, candidate_lengths, count_arrays, count_tokens, write_report  # noqa: E402
-from sfm_dpo.chat_templates import resolve_chat_template  # noqa: E402
-from sfm_dpo.config import ScriptArguments  # noqa: E402
-from sfm_dpo.data import DataReport, load_preference_rows, normalize_dataset  # noqa: E402
+from sfm_dpo.analysis import LengthSettings, analyze, candidate_lengths, count_arrays, count_tokens, write_report
+from sfm_dpo.chat_templates import resolve_chat_template
+from sfm_dpo.config import ScriptArguments
+from sfm_dpo.data import DataReport, InvalidDataError, load_preference_rows, normalize_dataset
 
 logger = logging.getLogger("analyze_dataset")
 
@@ -152,6 +154,15 @@ DEFAULTS = {  # ScriptArguments' own defaults, for fields a recipe leaves out
 }
 
 
+def str_to_bool(value: str) -> bool:
+    """transformers' HfArgumentParser reading of a bool flag's value (`transformers.hf_argparser.string_to_bool`)."""
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -164,9 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset_split", default="train")
     for name, kind in RECIPE_FIELDS.items():
-        if kind is bool:
+        if kind is bool:  # as train_dpo.py's parser takes them: `--flag`, `--flag true`, `--flag false`
             parser.add_argument(
-                f"--{name}", action=argparse.BooleanOptionalAction, default=None, help="default: the recipe's"
+                f"--{name}", type=str_to_bool, nargs="?", const=True, default=None, help="default: the recipe's"
             )
         else:
             parser.add_argument(f"--{name}", type=kind, default=None, help="default: the recipe's")
@@ -290,4 +301,8 @@ if __name__ == "__main__":
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
-    main(parse_args())
+    try:
+        main(parse_args())
+    except InvalidDataError as error:  # its message names every bad row and the way out: a traceback adds nothing
+        logger.error("%s", error)
+        sys.exit(1)

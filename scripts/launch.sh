@@ -108,6 +108,8 @@ if [[ "$VENV" != none ]]; then
     # shellcheck disable=SC1091
     source "$VENV/bin/activate"
 fi
+# Python and package versions first (sfm_dpo/versions.py: one line with the fix, exit 3), before torch is imported.
+python -m sfm_dpo.versions
 command -v accelerate >/dev/null || die "accelerate not found in $(command -v python || echo 'no python')"
 
 mkdir -p logs

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -223,3 +224,47 @@ def test_bad_row_stops_with_trainings_error(think_rows, demo_assets, tmp_path):
     ):
         run_script([str(data), "--recipe", "demo", "--model_name_or_path", str(demo_assets["model"]), "--num_proc", "1",
                     "--output_dir", str(tmp_path / "out")])  # fmt: skip
+
+
+def malformed_file(think_rows, tmp_path) -> Path:
+    rows = [dict(r) for r in think_rows[:6]]
+    rows[1]["chosen"] = None
+    rows[4]["rejected"] = [rows[4]["rejected"][0], {"role": "assistant", "content": ""}]
+    return write_jsonl(rows, tmp_path / "bad.jsonl")
+
+
+def run_cli(args: list[str]):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "analyze_dataset.py"), *args], capture_output=True, text=True
+    )
+
+
+def test_cli_malformed_rows_clean_error_or_skipped(think_rows, demo_assets, tmp_path):
+    """As a user runs it: the row-by-row message and exit 1, no traceback; with --skip_invalid_rows (a bare flag or
+    `true`, as train_dpo.py takes it) the two bad rows are skipped, counted by reason, and the rest analysed."""
+    data = malformed_file(think_rows, tmp_path)
+    common = [str(data), "--recipe", "demo", "--model_name_or_path", str(demo_assets["model"]), "--num_proc", "1"]
+    failed = run_cli([*common, "--output_dir", str(tmp_path / "fail")])
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr + failed.stdout
+    assert "2 malformed row(s)" in failed.stderr
+    assert re.search(r"row 1 \(id='think-1'\) at .*bad.jsonl:2: 'chosen' is null", failed.stderr)
+    assert re.search(r"row 4 \(id='think-4'\) at .*bad.jsonl:5: rejected\[1\] has empty content", failed.stderr)
+    assert "--skip_invalid_rows" in failed.stderr
+    assert not (tmp_path / "fail").exists()
+
+    skipped = run_cli([*common, "--skip_invalid_rows", "true", "--output_dir", str(tmp_path / "skip")])
+    assert skipped.returncode == 0, skipped.stderr
+    assert "2 invalid rows skipped" in skipped.stdout
+    in_process = run_script([*common, "--skip_invalid_rows", "--output_dir", str(tmp_path / "skip_flag")])
+    written = json.loads((tmp_path / "skip" / "analysis.json").read_text())  # {"meta": ..., **result}
+    for result, meta in ((written, written["meta"]), (in_process["result"], in_process["meta"])):
+        assert result["pairs_analysed"] == 4 and meta["rows_read"] == 6
+        assert meta["data_report"]["invalid_rows_skipped"] == {
+            "'chosen' is null": 1,
+            "rejected[1] has empty content": 1,
+        }
+    assert load_script().parse_args([*common, "--skip_invalid_rows", "false"]).skip_invalid_rows is False
