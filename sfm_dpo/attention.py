@@ -43,7 +43,7 @@ ATTN_BACKEND_CHOICES = ("auto", *AUTO_ORDER)
 
 
 def _boundaries(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
-    """The packed row's sequence offsets `[n_seq + 1]` (int32) and longest sequence; one sequence when none given."""
+    """The packed row's sequence offsets `[n_seq + 1]` (int32) and longest sequence."""
     if query.shape[0] != 1:
         raise ValueError(
             f"The packed attention backends take one packed row (batch 1), got batch {query.shape[0]}: padded batches "
@@ -51,8 +51,14 @@ def _boundaries(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
         )
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None:
-        n_tokens = query.shape[2]
-        return torch.tensor([0, n_tokens], dtype=torch.int32, device=query.device), n_tokens
+        # Every packed forward passes them (sfm_dpo.packing.packed_forward); a layer that does not hand them on (a
+        # remote-code model that drops transformers' FlashAttentionKwargs) would let the packed pairs attend to each
+        # other: refuse rather than train on that. The first reference or training forward stops here.
+        raise ValueError(
+            "The packed attention was called without cu_seq_lens_q: this model's "
+            "attention layers do not pass transformers' flash-attention kwargs on, so the packed sequences would "
+            "attend to each other. Train it with --padding_free false (stock padded batches)."
+        )
     if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu_seq_lens:
         if not torch.equal(kwargs["cu_seq_lens_k"], cu_seq_lens):
             raise ValueError("Packed self-attention needs cu_seq_lens_k == cu_seq_lens_q.")

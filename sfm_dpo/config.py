@@ -94,8 +94,10 @@ class ScriptArguments(trl.ScriptArguments):
     ref_cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Fast path with --precompute_ref_log_probs: where the reference log-probs are kept (keyed by "
-            "model, data and tokenization, reused by later and resumed runs). Default: <output_dir>/ref_logps."
+            "help": "Fast path with --precompute_ref_log_probs: where the reference log-probs are kept, keyed by the "
+            "weights' content, precision, attention kernels and the exact token ids; shared by every run with equal "
+            "inputs (resumed runs, the points of a sweep). Default: $SFM_REF_CACHE, else ref_cache beside output_dir "
+            "(outputs/dpo -> outputs/ref_cache)."
         },
     )
     max_consecutive_nonfinite: int = field(
@@ -159,6 +161,12 @@ def check_recipe(script_args: ScriptArguments, training_args, model_args) -> Non
         raise ValueError(
             f"--max_tokens_per_microbatch ({script_args.max_tokens_per_microbatch}) must hold the longest pair: "
             f"at least 2 x max_length = {training_args.max_length * 2} tokens (prompt + chosen, prompt + rejected)."
+        )
+    if training_args.truncation_mode != "keep_start":
+        raise ValueError(
+            f"--truncation_mode {training_args.truncation_mode} is not applied: our data step (sfm_dpo/data.py) keeps "
+            "the start of overlong completions (--overlong_policy) and the end of long prompts (--max_prompt_length). "
+            "Remove --truncation_mode."
         )
     if training_args.precompute_ref_log_probs and not training_args.padding_free:
         raise ValueError(

@@ -2,14 +2,15 @@
 with `--padding_free false`, stock TRL behaviour for comparison."""
 
 import contextlib
-import hashlib
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from trl.trainer.utils import add_fused_lm_head
 
 from . import ref_cache
@@ -22,69 +23,123 @@ from .trainer import SFMDPOTrainer
 logger = logging.getLogger(__name__)
 
 REF_BUDGET_FACTOR = 4  # reference-pass tokens per forward, over the training micro-batch budget
+REF_CACHE_ENV = "SFM_REF_CACHE"  # the project's shared reference cache, when --ref_cache_dir is not given
 
 # Bump when the packed forward's numerics change, so older caches are not reused.
 FORWARD_VERSION = 1
 
 
-def reference_key(script_args, training_args, model_args, tokenizer, backend: str, dtype, compiled: bool) -> dict:
-    """Everything the reference log-probs depend on besides the token ids (which ref_cache fingerprints itself)."""
+def default_ref_cache_dir(script_args, training_args) -> Path:
+    """--ref_cache_dir, else $SFM_REF_CACHE, else `ref_cache` beside the output folder (outputs/dpo ->
+    outputs/ref_cache): one cache for the runs of a project, so the points of a sweep (other learning rates, seeds,
+    output folders) share one reference pass, hours at 7B. The key holds only what changes the values, so sharing is
+    safe."""
+    if script_args.ref_cache_dir:
+        return Path(script_args.ref_cache_dir)
+    if os.environ.get(REF_CACHE_ENV):
+        return Path(os.environ[REF_CACHE_ENV])
+    return Path(training_args.output_dir).parent / "ref_cache"
+
+
+def reference_key(model_args, backend: str, precision: str, compiled: bool, digest_dir) -> dict:
+    """Exactly what the reference log-probs depend on besides the token ids (which ref_cache fingerprints itself, so
+    max_length, truncation and the chat template count through them): the weights' content, the numerics of the
+    forward. Not the model's path or name, the learning rate or the output folder, which would stop sweeps sharing."""
     return {
-        **ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision),
-        "dtype": str(dtype),
+        "weights": ref_cache.model_identity(model_args.model_name_or_path, model_args.model_revision, digest_dir)[
+            "weights"
+        ],
+        "precision": precision,
         "attn_backend": backend,
         "compiled_layers": compiled,
-        "max_length": training_args.max_length,
-        "max_prompt_length": script_args.max_prompt_length,
-        "overlong_policy": script_args.overlong_policy,
-        "chat_template_sha": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16],
         "forward_version": FORWARD_VERSION,
     }
 
 
-def attach_reference_logps(model, dataset, script_args, training_args, model_args, tokenizer, backend: str):
+def reference_precision(bf16: bool, fp16: bool, deepspeed: bool, device: torch.device):
+    """`(cast_to, autocast_dtype)` that reproduce the training forward's numerics, or step 0 is not ln 2. Under
+    DeepSpeed the engine casts the module to bf16/fp16 and accelerate does not autocast; otherwise accelerate runs the
+    forward under autocast (`Accelerator.native_amp`: fp16 off the CPU, bf16 anywhere), fp32 weights."""
+    if deepspeed:
+        return (torch.bfloat16 if bf16 else torch.float16 if fp16 else None), None
+    if bf16:
+        return None, torch.bfloat16
+    if fp16 and device.type != "cpu":
+        return None, torch.float16
+    return None, None
+
+
+def attach_reference_logps(
+    model, dataset, script_args, training_args, model_args, tokenizer, backend: str, should_stop=None
+):
     """One data-parallel pass of the (still untrained) model over the data, cached on disk; the trainer then keeps no
-    reference model. A resumed job finds the cache; were it gone, the model loaded here is still the reference (the
-    checkpoint's weights are loaded later, by `train()`), so recomputing stays correct."""
+    reference model. Returns `(dataset with the reference columns, the cache folder)`. A resumed job finds the cache;
+    were it gone, the model loaded here is still the reference (the checkpoint's weights are loaded later, by
+    `train()`), so recomputing stays correct. `should_stop()` true (a preemption signal) ends the pass early, its
+    finished rows kept, with `sfm_dpo.preemption.Preempted`."""
+    ref_cache.check_whole_parameters(getattr(training_args, "deepspeed_plugin", None))
     state = PartialState()
     device = state.device
-    # The reference values must come from the very numerics of the training forward, or step 0 is not ln 2: under
-    # DeepSpeed bf16 the engine casts the module to bf16 and accelerate does not autocast; otherwise the Trainer runs
-    # the forward under bf16 autocast (fp32 layer norms and softmax).
     deepspeed = state.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed and training_args.bf16:
-        model.to(torch.bfloat16)
+    cast_to, autocast_dtype = reference_precision(training_args.bf16, training_args.fp16, deepspeed, device)
+    if cast_to is not None:
+        model.to(cast_to)
     model.to(device)
     apply_backend(model, backend)
     add_fused_lm_head(model)
-    use_autocast = training_args.bf16 and not deepspeed and device.type != "cpu"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    )
     # No activations are kept for a backward, so the pass takes 4x the training budget: fewer, larger kernels (+10%
     # tokens/s at 1.4B on an H100, bench/results/20261125-profile_*), a few GiB more than training at 1.5B.
     budget = script_args.ref_tokens_per_batch or REF_BUDGET_FACTOR * (
         script_args.max_tokens_per_microbatch or 2 * training_args.max_length
     )
     compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
-    cache_dir = script_args.ref_cache_dir or str(Path(training_args.output_dir) / "ref_logps")
-    precision = f"{model.dtype}{'+autocast-bf16' if use_autocast else ''}"
-    key = reference_key(
-        script_args, training_args, model_args, tokenizer, backend, precision, compiled=layers_compiled(model)
-    )
-    dataset = ref_cache.load_or_compute(dataset, compute_fn, cache_dir, key, state, token_budget=budget)
+    cache_dir = default_ref_cache_dir(script_args, training_args)
+    precision = f"{model.dtype}{f'+autocast-{autocast_dtype}' if autocast_dtype else ''}"
+    # Rank 0 digests the weights (once per file: the digests are stored in the cache) and tells the others.
+    found = [None]
+    if state.is_main_process:
+        found[0] = reference_key(model_args, backend, precision, layers_compiled(model), cache_dir / "file_digests")
+    if state.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    info = {"model": model_args.model_name_or_path, "revision": model_args.model_revision}
+    dataset, folder = ref_cache.load_or_compute_folder(dataset, compute_fn, cache_dir, found[0], state,
+                                                       token_budget=budget, should_stop=should_stop, info=info)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the pass's activation blocks, before DeepSpeed allocates its flat buffers
-    return dataset
+    return dataset, folder
 
 
-def build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, callbacks):
+def build_trainer(
+    model,
+    train_dataset,
+    script_args,
+    training_args,
+    model_args,
+    tokenizer,
+    callbacks,
+    eval_dataset=None,
+    should_stop: Callable[[], bool] | None = None,
+):
+    """The trainer for this run. `should_stop` (this rank's preemption flag) can end the reference pass early; see
+    `attach_reference_logps`."""
     common = dict(
         args=training_args,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
     if not training_args.padding_free:
         logger.info("--padding_free false: stock TRL padded batches with a reference model (for comparison).")
+        # TRL loads the reference from the policy's `config._name_or_path` with `args.model_init_kwargs` alone: give
+        # it the revision the policy was loaded at, or it would be the branch's newest commit.
+        training_args.model_init_kwargs = {
+            **(training_args.model_init_kwargs or {}),
+            "revision": model_args.model_revision,
+        }
         return SFMDPOTrainer(model=model, train_dataset=train_dataset, **common)
     if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
         # Older Trainers divide the (already step-scaled) packed loss by the accumulation steps once more.
@@ -97,14 +152,20 @@ def build_trainer(model, train_dataset, script_args, training_args, model_args, 
         # Before the reference pass, so that it runs compiled too (faster, and the same kernels as training). Under
         # gradient checkpointing the checkpoint stays eager around each compiled layer (sfm_dpo/kernels.py).
         compile_decoder_layers(model)
+    reference_cache = None
     if training_args.precompute_ref_log_probs:
-        train_dataset = attach_reference_logps(
-            model, train_dataset, script_args, training_args, model_args, tokenizer, backend
+        train_dataset, reference_cache = attach_reference_logps(
+            model, train_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop
         )
+        if eval_dataset is not None:  # the held-out pairs: their own entry of the same cache
+            common["eval_dataset"], _ = attach_reference_logps(
+                model, eval_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop
+            )
     return FastDPOTrainer(
         model=model,
         train_dataset=train_dataset,
         attn_backend=backend,
+        reference_cache=None if reference_cache is None else str(reference_cache),
         max_tokens_per_microbatch=script_args.max_tokens_per_microbatch,
         pairs_per_step=script_args.effective_batch_size,
         **common,

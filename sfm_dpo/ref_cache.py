@@ -1,4 +1,5 @@
-"""Reference log-probs computed once, kept on disk, reused by later runs and by resumed jobs.
+"""Reference log-probs computed once, kept on disk, reused by later runs, by resumed jobs and by the other points of a
+sweep.
 
 DPO's reference model is frozen, so its summed completion log-probs are a pure function of (reference weights,
 token ids, forward numerics). We compute them in one data-parallel pass, store them keyed by exactly those inputs, and
@@ -21,11 +22,17 @@ What we do instead:
   forward is collective, and ranks here run different numbers of forwards: we refuse it loudly.
 - Balance the shards by tokens (longest first, dealt round-robin), let each rank run any number of forwards, then
   gather all results once with `gather_object`: robust to uneven shards, every row exactly once, back in row order.
-- Key the cache on what the values depend on: the caller's `key` (model identity/revision, dtype, tokenization
-  settings, forward version) plus a fingerprint of the exact token ids (which already reflects chat template and
-  truncation). Any difference gives another folder, so a mismatch can never reuse a cache.
-- Rank 0 alone reads and writes (atomically: temp folder, then rename) and broadcasts the values, so no shared
-  filesystem is needed and every rank takes the same hit/miss decision.
+- Key the cache on what the values depend on and nothing else: the caller's `key` (the weights' content digest, see
+  `model_identity`, the precision, attention backend, compiled kernels, forward version) plus a fingerprint of the
+  exact token ids (which already reflects chat template, max_length and truncation). Any difference gives another
+  folder, so a mismatch can never reuse a cache; equal inputs share one, whichever run or output folder asks.
+- Rank 0 alone reads and writes the finished cache (atomically: file, fsync, rename; meta.json last, so that its
+  presence means complete) and broadcasts the values, so every rank takes the same hit/miss decision.
+- The pass survives preemption: every `shard_seconds`, and when `should_stop()` turns true, each rank writes its
+  finished rows as a shard under the folder's `partial/` (on the output filesystem, which ranks on several nodes
+  share, like checkpoints). Ranks that stop break out of their loop, meet in the one gather, and raise
+  `sfm_dpo.preemption.Preempted`. A later run, whatever its world size, keeps the rows of the valid shards and
+  computes only the rest. A damaged cache or shard is set aside with a warning naming it, and recomputed.
 """
 
 import hashlib
@@ -35,8 +42,9 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import time
+import uuid
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -44,9 +52,14 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the file layout or the meaning of the values changes
+CACHE_FORMAT = 2  # bump when the file layout or the meaning of the values changes
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+SHARD_SECONDS = 300.0  # a preempted or crashed rank loses at most this much of its pass
+# What `model_identity` digests in a model folder: transformers' weight files, and the config (rope scaling, sliding
+# windows and the like change the values too). Not optimizer.pt, training_args.bin, the tokenizer (the token ids are
+# fingerprinted themselves) or the README.
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 ComputeFn = Callable[[list[dict]], tuple[Sequence[float], Sequence[float]]]
 
@@ -77,6 +90,92 @@ def cache_path(cache_dir: str | os.PathLike, key: dict, fingerprint: str, n_rows
     equal tokens can land on it."""
     ident = json.dumps({"format": CACHE_FORMAT, "key": key, "data": fingerprint, "rows": n_rows}, sort_keys=True)
     return Path(cache_dir) / hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+# --- the reference weights' identity ---------------------------------------------------------------------------------
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file's bytes. ~10 GB/s from the page cache on one core here, so reading the file is the cost."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    buffer = bytearray(16 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _stored_file_digest(path: Path, digest_dir: Path | None) -> str:
+    """`file_digest(path)`, computed once: kept in `digest_dir` under the file's resolved path and reused while its size
+    and mtime_ns are those recorded (a rewrite changes mtime; a 14 GB model is then read again, ~1.5 s per 14 GB from
+    the page cache, the filesystem's read speed otherwise)."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    record = {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    store = None
+    if digest_dir is not None:
+        store = Path(digest_dir) / f"{hashlib.sha256(str(resolved).encode()).hexdigest()[:32]}.json"
+        try:
+            stored = json.loads(store.read_text())
+            if {k: stored.get(k) for k in record} == record and isinstance(stored.get("xxh3_128"), str):
+                return stored["xxh3_128"]
+        except (OSError, ValueError):
+            pass  # absent or unreadable: compute it again
+    start = time.perf_counter()
+    digest = file_digest(resolved)
+    seconds = time.perf_counter() - start
+    logger.info("Digest of %s (%.2f GB): %.1f s", resolved, stat.st_size / 1e9, seconds)
+    if store is not None:
+        _atomic_write(
+            store, (json.dumps({**record, "xxh3_128": digest, "seconds": round(seconds, 3)}) + "\n").encode()
+        )
+    return digest
+
+
+def resolve_model_folder(model_name_or_path: str, revision: str | None = None) -> tuple[Path, str]:
+    """The folder holding the weights `from_pretrained(model_name_or_path, revision=revision)` loads, and a description
+    for the logs. A Hub id resolves through the local Hub cache (huggingface_hub's `snapshot_download` with
+    `local_files_only`: `refs/<revision>` -> `snapshots/<commit>`), which is what transformers loaded from, so a
+    re-push under the same branch gives another folder. Not through the Hub API: the commit it names now may be newer
+    than the one this job loaded."""
+    path = Path(model_name_or_path)
+    if path.is_dir():
+        return path, str(path.resolve())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(model_name_or_path, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        raise ValueError(
+            f"Cannot identify the reference model {model_name_or_path!r} (revision {revision or 'main'}): it is not a "
+            f"local folder and has no snapshot in the local Hub cache ({type(e).__name__}: {e}). Load it first "
+            "(from_pretrained downloads it), or pass a local folder."
+        ) from e
+    return folder, f"{model_name_or_path}@{folder.name} ({folder})"
+
+
+def model_identity(
+    model_name_or_path: str, revision: str | None = None, digest_dir: str | os.PathLike | None = None
+) -> dict:
+    """`{"weights": digest}` for the cache key: a digest of the full content of the model's weight files and config
+    (`WEIGHT_PATTERNS`, config.json), by file name. Not the name, path or branch: a moved or renamed copy is the same
+    model, a re-pushed or edited one (a single tensor) another. Each file's digest is stored in `digest_dir` and
+    reused while its size and mtime match, so only the first run reads the 14 GB of a 7B model."""
+    folder, description = resolve_model_folder(model_name_or_path, revision)
+    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    if not weights:
+        raise ValueError(f"No weight files ({', '.join(WEIGHT_PATTERNS)}) in {folder}; cannot identify the model.")
+    files = weights + ([folder / "config.json"] if (folder / "config.json").is_file() else [])
+    digests = {p.name: _stored_file_digest(p, Path(digest_dir) if digest_dir else None) for p in files}
+    logger.info("Reference weights: %s, %d files", description, len(files))
+    return {"weights": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:32]}
+
+
+# --- the pass --------------------------------------------------------------------------------------------------------
 
 
 def _pair_tokens(dataset) -> np.ndarray:
@@ -120,50 +219,141 @@ def batches(indices: np.ndarray, pair_tokens: np.ndarray, token_budget: int | No
         yield group
 
 
-def _check_distributed(accelerator) -> None:
-    # An Accelerator keeps the DeepSpeed plugin on `.state`; a bare PartialState (no DeepSpeed) has neither.
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
+def check_whole_parameters(deepspeed_plugin) -> None:
+    """The pass needs whole parameters on every rank: refuse ZeRO-3 (`deepspeed_plugin`: accelerate's
+    `DeepSpeedPlugin`, as `TrainingArguments.deepspeed_plugin` or `Accelerator.deepspeed_plugin` hold it; None
+    without DeepSpeed)."""
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
         raise ValueError(
             "The reference log-prob pass needs whole parameters on every rank (ZeRO-0/1/2, DDP or one GPU); under "
-            "ZeRO-3 each forward is collective and ranks here run different numbers of forwards."
+            "ZeRO-3 each forward is collective and ranks here run different numbers of forwards. Use the ZeRO-2 "
+            "config (accelerate_config.yaml), or --precompute_ref_log_probs false to keep a reference model."
         )
 
 
-def _read(path: Path, key: dict, fingerprint: str, n_rows: int) -> np.ndarray | None:
-    """The cached (rows, 2) array, or None. A folder that exists but does not match is an error, never a hit."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """A reader sees the whole file or none of it, also after a crash: written beside, fsynced, renamed, and the
+    rename fsynced (the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _npy_bytes(save: Callable, **arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    save(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Moves a damaged cache folder or shard out of the way (kept for inspection) and says so."""
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    try:
+        os.rename(path, target)
+        logger.warning("Reference cache %s is damaged (%s): moved to %s; recomputing it.", path, why, target)
+    except FileNotFoundError:  # another job set it aside first
+        logger.warning("Reference cache %s is damaged (%s) and was moved away meanwhile; recomputing it.", path, why)
+
+
+def _read(path: Path, expected: dict, n_rows: int) -> np.ndarray | None:
+    """The cached (rows, 2) array, or None when absent (or incomplete: meta.json is written last). A folder that is
+    damaged (unreadable, truncated, non-finite, or another key) is set aside and read as absent."""
     if not (path / "meta.json").exists():
         return None
-    meta = json.loads((path / "meta.json").read_text())
-    expected = {"format": CACHE_FORMAT, "key": key, "data_fingerprint": fingerprint, "rows": n_rows}
-    found = {name: meta.get(name) for name in expected}
-    # JSON turns tuples into lists: compare through one JSON round trip.
-    if json.loads(json.dumps(expected, sort_keys=True)) != found:
-        raise RuntimeError(f"Reference cache {path} does not match its key (expected {expected}, found {found}).")
-    values = np.load(path / "ref_logps.npy")
-    if values.shape != (n_rows, 2) or not np.isfinite(values).all():
-        raise RuntimeError(f"Reference cache {path} is corrupt: shape {values.shape}, expected ({n_rows}, 2), finite.")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        found = {name: meta.get(name) for name in expected}
+        # JSON turns tuples into lists: compare through one JSON round trip.
+        if json.loads(json.dumps(expected, sort_keys=True)) != found:
+            raise ValueError(f"meta.json does not match its key: expected {expected}, found {found}")
+        values = np.load(path / "ref_logps.npy")
+        if values.shape != (n_rows, 2) or not np.isfinite(values).all():
+            raise ValueError(f"values of shape {values.shape}, expected ({n_rows}, 2) and finite")
+    except (OSError, ValueError, EOFError, AttributeError) as e:
+        _set_aside(path, f"{type(e).__name__}: {e}")
+        return None
     return values
 
 
 def _write(path: Path, values: np.ndarray, meta: dict) -> None:
-    """Atomic: a reader sees the whole folder or none of it. If another job finished first, keep its copy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        np.save(tmp / "ref_logps.npy", values)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    """Values first, meta.json last: its presence means a complete cache. Another job writing the same folder at the
+    same time writes the same values (same weights, tokens and numerics); the last rename wins."""
+    _atomic_write(path / "ref_logps.npy", _npy_bytes(lambda f, values: np.save(f, values), values=values))
+    _atomic_write(path / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _read_shards(partial: Path, ident: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (k,) and values (k, 2) of the valid shards under `partial` (any job, any rank, any world size); each
+    damaged one is set aside. A row in several shards (two jobs of one sweep computing at once) is taken once."""
+    rows, values = [], []
+    for shard in sorted(partial.glob("*.npz")):
         try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "meta.json").exists():
-                raise
-            logger.info("Reference cache %s was written meanwhile by another job; keeping that copy.", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with np.load(shard) as f:
+                shard_rows_, shard_values = f["rows"], f["values"]
+                if str(f["ident"]) != ident:
+                    raise ValueError(f"belongs to cache {f['ident']}, not {ident}")
+            if shard_rows_.ndim != 1 or shard_values.shape != (len(shard_rows_), 2):
+                raise ValueError(f"rows {shard_rows_.shape} and values {shard_values.shape} do not match")
+            if len(shard_rows_) and (shard_rows_.min() < 0 or shard_rows_.max() >= n_rows):
+                raise ValueError(f"row indices outside [0, {n_rows})")
+            if not np.isfinite(shard_values).all():
+                raise ValueError("non-finite values")
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, half-copied...
+            _set_aside(shard, f"{type(e).__name__}: {e}")
+            continue
+        rows.append(shard_rows_.astype(np.int64))
+        values.append(shard_values.astype(np.float64))
+    if not rows:
+        return np.empty(0, dtype=np.int64), np.empty((0, 2))
+    rows, values = np.concatenate(rows), np.concatenate(values)
+    rows, first = np.unique(rows, return_index=True)
+    return rows, values[first]
 
 
-def _compute_shard(dataset, compute_fn, indices, pair_tokens, token_budget, batch_size, show_progress, desc):
+class _ShardWriter:
+    """Buffers one rank's finished rows and writes them as a shard `partial/<run>-r<rank>-<n>.npz` (atomically) every
+    `seconds`, and on `flush()`."""
+
+    def __init__(self, partial: Path, ident: str, rank: int, seconds: float):
+        self.partial, self.ident, self.seconds = partial, ident, seconds
+        self.prefix = f"{uuid.uuid4().hex[:12]}-r{rank}"
+        self.rows, self.values, self.count, self.last = [], [], 0, time.monotonic()
+
+    def add(self, rows: list[int], chosen: np.ndarray, rejected: np.ndarray) -> None:
+        self.rows.extend(rows)
+        self.values.extend(zip(chosen.tolist(), rejected.tolist(), strict=True))
+        if time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.rows:
+            return
+        data = _npy_bytes(np.savez, rows=np.asarray(self.rows, dtype=np.int64), values=np.asarray(self.values),
+                          ident=np.asarray(self.ident))  # fmt: skip
+        _atomic_write(self.partial / f"{self.prefix}-{self.count:06d}.npz", data)
+        self.count += 1
+        self.rows, self.values = [], []
+
+
+def _compute_shard(dataset, compute_fn, indices, pair_tokens, token_budget, batch_size, show_progress, desc, writer,
+                   should_stop):  # fmt: skip
+    """This rank's rows: (chosen, rejected, stopped). Stops between batches when `should_stop()` is true; the rows
+    finished by then are written out (and those before, every `writer.seconds`)."""
     from tqdm.auto import tqdm
 
     chosen = np.full(len(indices), np.nan)
@@ -172,7 +362,11 @@ def _compute_shard(dataset, compute_fn, indices, pair_tokens, token_budget, batc
     bar = tqdm(
         total=int(pair_tokens[indices].sum()), unit="tok", unit_scale=True, desc=desc, disable=not show_progress
     )
+    stopped = False
     for group in batches(indices, pair_tokens, token_budget, batch_size):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         rows = [dataset[i] for i in group]
         out_chosen, out_rejected = compute_fn(rows)
         out_chosen = np.asarray([float(x) for x in out_chosen])
@@ -181,14 +375,23 @@ def _compute_shard(dataset, compute_fn, indices, pair_tokens, token_budget, batc
             raise RuntimeError(
                 f"compute_fn returned {out_chosen.shape} and {out_rejected.shape} values for {len(group)} rows."
             )
+        if not (np.isfinite(out_chosen).all() and np.isfinite(out_rejected).all()):
+            raise RuntimeError(f"Reference log-probs are not finite for rows {group}.")
         for row, c, r in zip(group, out_chosen, out_rejected, strict=True):
             chosen[position[row]], rejected[position[row]] = c, r
+        writer.add(group, out_chosen, out_rejected)
         bar.update(int(pair_tokens[group].sum()))
+    writer.flush()
     bar.close()
-    return chosen, rejected
+    return chosen, rejected, stopped
 
 
-def load_or_compute(
+def load_or_compute(dataset, compute_fn: ComputeFn, cache_dir: str | os.PathLike, key: dict, accelerator, **kwargs):
+    """`load_or_compute_folder(...)[0]`: the dataset with the reference columns."""
+    return load_or_compute_folder(dataset, compute_fn, cache_dir, key, accelerator, **kwargs)[0]
+
+
+def load_or_compute_folder(
     dataset,
     compute_fn: ComputeFn,
     cache_dir: str | os.PathLike,
@@ -198,20 +401,28 @@ def load_or_compute(
     token_budget: int | None = None,
     batch_size: int | None = None,
     allow_compute: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    shard_seconds: float = SHARD_SECONDS,
+    info: dict | None = None,
     desc: str = "Reference log-probs",
 ):
-    """Return `dataset` with float columns `ref_chosen_logps`, `ref_rejected_logps`: the reference model's log-probs
-    of each completion, summed over its tokens, shape (rows,) each.
+    """Return `(dataset, folder)`: `dataset` with float columns `ref_chosen_logps`, `ref_rejected_logps` (the reference
+    model's log-probs of each completion, summed over its tokens, shape (rows,) each) and the cache folder they were
+    read from or written to.
 
     Every rank calls this with the same dataset. On a cache hit nothing is computed. On a miss each rank calls
-    `compute_fn(rows) -> (chosen_logps, rejected_logps)` on its shard (rows = list of dataset rows, at most
-    `batch_size` of them or `token_budget` tokens), the results are gathered to every rank, and rank 0 stores them
-    under `cache_dir`. `key` must name everything besides the token ids that the values depend on (model
-    identity/revision, dtype, max_length, max_prompt_length, chat template, truncation policy, forward version): it is
-    stored and compared verbatim. `allow_compute=False` (a resumed job, whose weights are no longer the reference)
-    turns a miss into an error.
+    `compute_fn(rows) -> (chosen_logps, rejected_logps)` on its shard of the rows no earlier run finished (rows = list
+    of dataset rows, at most `batch_size` of them or `token_budget` tokens), the results are gathered to every rank,
+    and rank 0 stores them under `cache_dir`. `key` must name everything besides the token ids that the values depend
+    on (weights identity, precision, attention backend, kernels, forward version) and nothing else, or equal passes
+    stop being shared: it is stored and compared verbatim. `info` is stored beside it, not compared (e.g. the model's
+    name and commit). `allow_compute=False` (a resumed job, whose weights are no longer the reference) turns a miss
+    into an error.
+
+    `should_stop()` (e.g. "a preemption signal reached this rank") is asked before each batch: a rank that sees it
+    writes its finished rows and joins the gather early; then every rank raises `sfm_dpo.preemption.Preempted`.
     """
-    _check_distributed(accelerator)
+    check_whole_parameters(getattr(accelerator, "deepspeed_plugin", None))
     if not isinstance(key, dict) or not key:
         raise ValueError("key must be a non-empty dict naming what the reference log-probs depend on.")
     json.dumps(key)  # fail now, not after the pass, if the key cannot be stored
@@ -223,11 +434,16 @@ def load_or_compute(
     if len(set(fingerprints)) != 1:
         raise RuntimeError(f"Ranks hold different data (fingerprints {fingerprints}); the reference pass needs one.")
     path = cache_path(cache_dir, key, fingerprint, n_rows)
+    expected = {"format": CACHE_FORMAT, "key": key, "data_fingerprint": fingerprint, "rows": n_rows}
 
-    found = [_read(path, key, fingerprint, n_rows) if accelerator.is_main_process else None]
+    found = [None, None]
+    if accelerator.is_main_process:
+        found[0] = _read(path, expected, n_rows)
+        if found[0] is None and allow_compute:
+            found[1] = _read_shards(path / "partial", path.name, n_rows)
     if accelerator.num_processes > 1:
         broadcast_object_list(found, from_process=0)
-    values = found[0]
+    values, recovered = found
     if values is not None:
         logger.info("Reference log-probs: cache hit, %d rows from %s", n_rows, path)
     elif not allow_compute:
@@ -236,66 +452,69 @@ def load_or_compute(
             "(a resumed job: the loaded weights are the trained policy, not the reference)."
         )
     else:
-        logger.info("Reference log-probs: cache miss at %s; computing %d rows on %d ranks", path, n_rows,
-                    accelerator.num_processes)  # fmt: skip
-        start = time.perf_counter()
-        pair_tokens = _pair_tokens(dataset)
-        mine = shard_rows(pair_tokens, accelerator.process_index, accelerator.num_processes)
-        chosen, rejected = _compute_shard(dataset, compute_fn, mine, pair_tokens, token_budget, batch_size,
-                                          accelerator.is_main_process, desc)  # fmt: skip
-        gathered = gather_object([(mine, chosen, rejected)])
-        values = np.full((n_rows, 2), np.nan)
-        seen = np.zeros(n_rows, dtype=np.int64)
-        for idx, c, r in gathered:
-            values[idx, 0], values[idx, 1] = c, r
-            np.add.at(seen, idx, 1)
-        if not (seen == 1).all():
-            raise RuntimeError(f"Reference pass covered rows {np.flatnonzero(seen != 1)[:10]}... not exactly once.")
-        if not np.isfinite(values).all():
-            raise RuntimeError(f"Reference log-probs are not finite for rows {np.flatnonzero(~np.isfinite(values))}.")
-        seconds = time.perf_counter() - start
-        if accelerator.is_main_process:
-            import torch
-
-            meta = {
-                "format": CACHE_FORMAT, "key": key, "data_fingerprint": fingerprint, "rows": n_rows,
-                "pair_tokens": int(pair_tokens.sum()), "seconds": round(seconds, 3),
-                "world_size": accelerator.num_processes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "host": platform.node(), "torch": torch.__version__,
-            }  # fmt: skip
-            _write(path, values, meta)
-        logger.info("Reference log-probs: computed %d rows (%d tokens) in %.1f s (%.0f tokens/s), saved to %s",
-                    n_rows, int(pair_tokens.sum()), seconds, pair_tokens.sum() / max(seconds, 1e-9), path)  # fmt: skip
+        values = _compute(dataset, compute_fn, path, n_rows, recovered, accelerator, token_budget, batch_size,
+                          should_stop, shard_seconds, desc, {**expected, "info": info})  # fmt: skip
     accelerator.wait_for_everyone()
     dataset = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
     dataset = dataset.add_column(COLUMNS[0], values[:, 0].tolist())
-    return dataset.add_column(COLUMNS[1], values[:, 1].tolist())
+    return dataset.add_column(COLUMNS[1], values[:, 1].tolist()), path
 
 
-def model_identity(model_name_or_path: str, revision: str | None = None, sample_blocks: int = 16) -> dict:
-    """A cheap identity of the reference weights for `key`. Hub id: the id plus the resolved commit, if the local
-    snapshot is a Hub cache. Local folder: each weight file's name and size, its safetensors header (names, dtypes,
-    shapes) and `sample_blocks` 64 KiB blocks spread through it, hashed; so a retrained or edited checkpoint of the
-    same shape changes the identity without reading 14 GB on every start."""
-    path = Path(model_name_or_path)
-    if not path.is_dir():
-        return {"model": model_name_or_path, "revision": revision}
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"} or p.name == "config.json")
-    if not any(p.suffix in {".safetensors", ".bin", ".pt"} for p in files):
-        raise ValueError(f"No weight files in {path}; cannot identify the reference model.")
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            if p.suffix == ".safetensors":
-                header_len = int.from_bytes(f.read(8), "little")
-                h.update(f.read(header_len))
-            step = max(1, size // sample_blocks)
-            for offset in range(0, size, step):
-                f.seek(offset)
-                h.update(f.read(65536))
-    return {"model": str(path.resolve()), "revision": revision, "weights_sha256_sampled": h.hexdigest()}
+def _compute(dataset, compute_fn, path, n_rows, recovered, accelerator, token_budget, batch_size, should_stop,
+             shard_seconds, desc, meta) -> np.ndarray:  # fmt: skip
+    """The missing rows on every rank, gathered: the (rows, 2) values; rank 0 writes the cache."""
+    from accelerate.utils import gather_object
+
+    from .preemption import Preempted
+
+    done_rows, done_values = recovered
+    start = time.perf_counter()
+    pair_tokens = _pair_tokens(dataset)
+    todo = np.setdiff1d(np.arange(n_rows), done_rows)
+    if len(done_rows):
+        logger.info("Reference log-probs: recovered %d rows from the shards of an earlier run in %s; computing the "
+                    "other %d on %d ranks", len(done_rows), path / "partial", len(todo), accelerator.num_processes)  # fmt: skip
+    else:
+        logger.info("Reference log-probs: cache miss at %s; computing %d rows on %d ranks", path, n_rows,
+                    accelerator.num_processes)  # fmt: skip
+    mine = todo[shard_rows(pair_tokens[todo], accelerator.process_index, accelerator.num_processes)]
+    writer = _ShardWriter(path / "partial", path.name, accelerator.process_index, shard_seconds)
+    chosen, rejected, stopped = _compute_shard(dataset, compute_fn, mine, pair_tokens, token_budget, batch_size,
+                                               accelerator.is_main_process, desc, writer, should_stop)  # fmt: skip
+    # The one collective: ranks that stopped early and ranks that finished meet here, and agree.
+    gathered = gather_object([(mine, chosen, rejected, stopped)])
+    if any(s for *_, s in gathered):
+        finished = len(done_rows) + sum(int(np.isfinite(c).sum()) for _, c, _, _ in gathered)
+        logger.warning("Reference pass stopped for preemption: %d of %d rows are kept in %s; the next run computes "
+                       "the rest.", finished, n_rows, path / "partial")  # fmt: skip
+        raise Preempted("reference pass")
+    values = np.full((n_rows, 2), np.nan)
+    seen = np.zeros(n_rows, dtype=np.int64)
+    values[done_rows] = done_values
+    seen[done_rows] = 1
+    for idx, c, r, _ in gathered:
+        values[idx, 0], values[idx, 1] = c, r
+        np.add.at(seen, idx, 1)
+    if not (seen == 1).all():
+        raise RuntimeError(f"Reference pass covered rows {np.flatnonzero(seen != 1)[:10]}... not exactly once.")
+    if not np.isfinite(values).all():
+        raise RuntimeError(f"Reference log-probs are not finite for rows {np.flatnonzero(~np.isfinite(values))}.")
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        import torch
+
+        meta = {
+            **meta, "pair_tokens": int(pair_tokens.sum()), "rows_recovered": len(done_rows),
+            "seconds": round(seconds, 3), "world_size": accelerator.num_processes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "torch": torch.__version__,
+        }  # fmt: skip
+        _write(path, values, meta)
+        shutil.rmtree(path / "partial", ignore_errors=True)
+    n_computed = n_rows - len(done_rows)
+    tokens = int(pair_tokens[todo].sum())
+    logger.info("Reference log-probs: computed %d rows (%d tokens) in %.1f s (%.0f tokens/s), saved to %s",
+                n_computed, tokens, seconds, tokens / max(seconds, 1e-9), path)  # fmt: skip
+    return values
 
 
 def completion_logps_padded(model, rows: list[dict], device, pad_token_id: int = 0, chunk_tokens: int = 4096):

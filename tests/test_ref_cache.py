@@ -137,14 +137,81 @@ def test_fingerprint_sees_tokens_and_order():
     assert ref_cache.data_fingerprint(moved) != base
 
 
-def test_mismatching_cache_folder_is_an_error(model, accelerator, tmp_path):
+def only_folder(cache_dir: Path) -> Path:
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated_npy", "bad_meta", "other_key"])
+def test_damaged_cache_is_set_aside_and_recomputed(model, accelerator, tmp_path, caplog, damage):
     dataset = make_dataset()
-    ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path, KEY, accelerator, batch_size=8)
-    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "key": {**KEY, "max_length": 1}}))
-    with pytest.raises(RuntimeError, match="does not match"):
-        ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path, KEY, accelerator, batch_size=8)
+    first = ref_cache.load_or_compute(
+        dataset, counting_compute_fn(model, []), tmp_path, KEY, accelerator, batch_size=8
+    )
+    folder = only_folder(tmp_path)
+    if damage == "truncated_npy":
+        data = (folder / "ref_logps.npy").read_bytes()
+        (folder / "ref_logps.npy").write_bytes(data[: len(data) // 2])
+    elif damage == "bad_meta":
+        (folder / "meta.json").write_text('{"format": 1, "key": ')
+    else:
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "key": {**KEY, "max_length": 1}}))
+    calls = []
+    with caplog.at_level("WARNING", logger="sfm_dpo"):
+        again = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                          batch_size=8)  # fmt: skip
+    assert sum(calls) == N_ROWS
+    assert str(folder) in caplog.text and "recomput" in caplog.text
+    np.testing.assert_allclose(columns(again), columns(first), rtol=1e-6, atol=1e-5)
+    assert list(tmp_path.glob(f"{folder.name}.damaged-*"))  # kept for inspection, out of the way
+
+
+def stopping_after(n_calls: int, calls: list):
+    return lambda: len(calls) >= n_calls
+
+
+def test_a_stopped_pass_keeps_its_rows_and_the_next_one_computes_the_rest(model, accelerator, tmp_path, caplog):
+    from sfm_dpo.preemption import Preempted
+
+    dataset = make_dataset()
+    calls = []
+    with pytest.raises(Preempted, match="reference pass"):
+        ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                  batch_size=3, should_stop=stopping_after(2, calls))  # fmt: skip
+    assert calls == [3, 3]  # stopped between batches, after the second
+    folder = only_folder(tmp_path)
+    assert not (folder / "meta.json").exists() and len(list((folder / "partial").glob("*.npz"))) == 1
+
+    # A damaged shard of another rank (truncated by a crash of its node) is set aside; its rows are recomputed.
+    good = next((folder / "partial").glob("*.npz"))
+    (folder / "partial" / "other-r1-000000.npz").write_bytes(good.read_bytes()[:100])
+    calls.clear()
+    with caplog.at_level("INFO", logger="sfm_dpo"):
+        resumed = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                            batch_size=3)  # fmt: skip
+    assert sum(calls) == N_ROWS - 6
+    assert "recovered 6 rows" in caplog.text and "other-r1-000000.npz" in caplog.text
+    np.testing.assert_allclose(columns(resumed), direct_logps(model, dataset), rtol=1e-5, atol=1e-4)
+    assert (folder / "meta.json").exists() and not list((folder / "partial").glob("*.npz"))
+
+
+def test_shards_are_written_while_the_pass_runs(model, accelerator, tmp_path):
+    """Every `shard_seconds` (here: after each batch) a rank's finished rows reach the disk, so a crash (no signal,
+    no `should_stop`) loses at most that much work."""
+    dataset = make_dataset()
+    seen = []
+
+    def crashing(rows):
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # a hard stop: nothing after this line of the pass runs
+        seen.append(len(rows))
+        return ref_cache.completion_logps_padded(model, rows, device="cpu")
+
+    with pytest.raises(KeyboardInterrupt):
+        ref_cache.load_or_compute(dataset, crashing, tmp_path, KEY, accelerator, batch_size=2, shard_seconds=0)
+    shards = sorted((only_folder(tmp_path) / "partial").glob("*.npz"))
+    assert sum(len(np.load(s)["rows"]) for s in shards) == 6
 
 
 def test_shards_cover_rows_once_and_balance_tokens():
@@ -159,7 +226,9 @@ def test_shards_cover_rows_once_and_balance_tokens():
 
 
 def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
-    """torchrun, 2 ranks, gloo, DeepSpeed ZeRO-2 engine (asserted in the worker): 13 rows, uneven shards."""
+    """torchrun, 2 ranks, gloo, DeepSpeed ZeRO-2 engine (asserted in the worker): 13 rows, uneven shards. First a
+    signal reaches rank 0 only, after its first batch: both ranks raise Preempted, keeping their finished rows; then
+    the requeued pass computes only the rest."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
@@ -174,8 +243,13 @@ def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
     for rank in range(2):
         result = json.loads((out / f"rank{rank}.json").read_text())
         assert result["world_size"] == 2 and result["engine"] == "DeepSpeedEngine" and result["zero_stage"] == 2
-        assert sum(json.loads((out / f"rank{r}.json").read_text())["rows_computed"] for r in range(2)) == N_ROWS
-        assert 0 < result["rows_computed"] < N_ROWS
+        assert result["preempted"] == "preempted during reference pass"  # on both ranks, whichever saw the signal
+    first = [json.loads((out / f"rank{r}.json").read_text())["rows_before_stop"] for r in range(2)]
+    second = [json.loads((out / f"rank{r}.json").read_text())["rows_computed"] for r in range(2)]
+    assert first[0] == 2 and first[1] > 2  # rank 0 stopped after one batch, rank 1 finished its shard
+    assert sum(second) == N_ROWS - sum(first) and all(n > 0 for n in second)  # the rest, shared by both ranks
+    for rank in range(2):
+        result = json.loads((out / f"rank{rank}.json").read_text())
         np.testing.assert_allclose(np.asarray(result["values"]), expected, rtol=1e-5, atol=1e-4)
     one_process = ref_cache.load_or_compute(dataset, counting_compute_fn(model, []), tmp_path / "single", KEY,
                                             accelerator, batch_size=3)  # fmt: skip
@@ -199,13 +273,24 @@ def _worker(out: Path, cache: Path) -> None:
     acc = Accelerator(deepspeed_plugin=plugin)
     policy = build_tiny_model("gpt_neox", VOCAB, seed=0)
     engine, _ = acc.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3))
+    from sfm_dpo.preemption import Preempted
+
     calls = []
     # The pass runs on the prepared ZeRO-2 engine's module, as it does in training.
     compute_fn = counting_compute_fn(acc.unwrap_model(engine).eval(), calls)
+    signal_seen = (lambda: len(calls) >= 1) if acc.process_index == 0 else (lambda: False)
+    try:
+        ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2, should_stop=signal_seen)
+        preempted = None
+    except Preempted as e:
+        preempted = str(e)
+    rows_before_stop = sum(calls)
+    calls.clear()
     dataset = ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2)
     result = {
         "world_size": acc.num_processes, "engine": type(engine).__name__, "zero_stage": engine.zero_optimization_stage(),
-        "rows_computed": sum(calls), "values": columns(dataset).tolist(),
+        "preempted": preempted, "rows_before_stop": rows_before_stop, "rows_computed": sum(calls),
+        "values": columns(dataset).tolist(),
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
