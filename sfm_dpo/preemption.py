@@ -10,8 +10,19 @@ end the ranks all-reduce the flag and stop together: `control.should_save` makes
 atomic by `AtomicCheckpointMixin`), `control.should_training_stop` ends `train()`. Once that checkpoint is complete,
 rank 0 writes the file named by $SFM_REQUEUE_MARKER; the launcher sees it and runs `scontrol requeue`. A file, not an
 exit code, because `accelerate launch` turns any non-zero worker exit into its own exit 1 plus a ChildFailedError dump.
+
+Before training (the checks, the data preparation, the model load, the reference pass, DeepSpeed's start-up and the
+checkpoint load) there is no step end: `train_dpo.py` installs the handler first thing, and each stage boundary calls
+`PreemptionCallback.check(stage)`, which raises `Preempted(stage)` on every rank if any rank got the signal; the
+reference pass polls `PreemptionCallback.requested` and stops after its current shard (sfm_dpo/ref_cache.py).
+`requeue_on_preemption` turns a `Preempted` into the requeue marker and exit 0. Nothing done is lost: the data and
+the reference shards are cached, and the checkpoint that training resumes from is untouched.
+
+One signal, one save: a signal that arrives while a checkpoint is being written (a periodic save) is answered by that
+checkpoint, and more signals after the first (the launcher re-sends a pending one) change nothing.
 """
 
+import functools
 import logging
 import os
 import signal
@@ -50,32 +61,90 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def request_requeue(reason: str) -> None:
+    """Rank 0 writes `reason` (one line) to the file named by $SFM_REQUEUE_MARKER, on which scripts/launch.sh requeues
+    the job (or, without Slurm, exits 75). Without the variable (not started by the launcher) it only logs."""
+    marker = os.environ.get(REQUEUE_MARKER_ENV)
+    if not _is_rank_zero():
+        return
+    if not marker:
+        logger.warning("Preempted (%s); $%s is not set, so nothing requeues this run: run it again to resume.",
+                       reason, REQUEUE_MARKER_ENV)  # fmt: skip
+        return
+    path = Path(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # the launcher must never read half a line
+    tmp.write_text(f"{reason}\n")
+    os.replace(tmp, path)
+    logger.warning("Asked the launcher to requeue (%s): %s", marker, reason)
+
+
+def requeue_on_preemption(main):
+    """Decorates `main`: a `Preempted` raised anywhere in it (every rank raises it together) writes the requeue marker
+    and returns 0, so that the launcher requeues the job instead of reporting a failure."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Preempted as stop:
+            logger.warning("Stopped for preemption during %s, before any new checkpoint was needed; the requeued job "
+                           "continues from what is saved.", stop.stage)  # fmt: skip
+            request_requeue(f"stopped during {stop.stage}, nothing lost")
+            return 0
+
+    return wrapper
+
+
 class PreemptionCallback(TrainerCallback):
-    """Installs handlers for `signals` at construction (call it in the main thread, before `train()`).
+    """Installs handlers for `signals` at construction (call it in the main thread, first thing in `main`).
 
     Not SIGTERM by default: the torch elastic agent SIGTERMs the surviving workers when one rank dies, and a worker
     that then waits for a step end (blocked in a collective with the dead rank) only delays the failure by the
     agent's 30 s kill timeout; Slurm's own SIGTERM leaves KillWait (30 s) anyway, too short to save a 7B checkpoint.
 
+    Before training, `check(stage)` at each stage boundary; `requested` for loops whose ranks are not in lock-step.
     After `train()` returns, `.preempted` tells whether it stopped early for a requeue: then skip the final save and
     push (the checkpoint holds everything) and exit.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1,)):
         self.requested_by: str | None = None  # this rank's signal, set by the handler
-        self.preempted = False  # agreed by all ranks at a step end
+        self.preempted = False  # agreed by all ranks at a step end or after a save
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
         # Only set a flag: the handler runs between two bytecodes, possibly inside a collective.
         self.requested_by = signal.Signals(signum).name
 
+    @property
+    def requested(self) -> bool:
+        """Whether this rank got the signal (local: no collective), the `should_stop` of the reference pass."""
+        return self.requested_by is not None
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def check(self, stage: str) -> None:
+        """A stage boundary that every rank reaches (a collective): raise `Preempted(stage)` on every rank if any rank
+        got the signal."""
+        if any_rank(self.requested):
+            logger.warning("Preemption requested (%s) during %s: stopping for a requeue",
+                           self.requested_by or "signal on another rank", stage)  # fmt: skip
+            raise Preempted(stage)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After DeepSpeed's start-up and the checkpoint load, before the first step: a signal during those has
+        # nothing new to save.
+        self.check("start-up (DeepSpeed initialization, checkpoint loading)")
+
     def on_step_end(self, args, state, control, **kwargs):
-        if any_rank(self.requested_by is not None) and not self.preempted:
+        if not self.preempted and any_rank(self.requested):
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
@@ -87,10 +156,15 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        marker = os.environ.get(REQUEUE_MARKER_ENV)
-        if self.preempted and marker and state.is_world_process_zero:
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).write_text(f"{state.global_step}\n")
+        if not self.preempted and any_rank(self.requested):
+            # The signal came while this (periodic) checkpoint was being written: it holds everything, so stop now
+            # rather than save a second one (minutes at 7B) at the next step end.
+            self.preempted = True
+            control.should_training_stop = True
             logger.warning(
-                "Checkpoint at step %d saved; asked the launcher to requeue (%s)", state.global_step, marker
-            )
+                "Preemption requested (%s on this rank) during the checkpoint of step %d: stopping after it for a "
+                "requeue", self.requested_by or "signal on another rank", state.global_step,
+            )  # fmt: skip
+        if self.preempted:
+            request_requeue(f"{state.global_step}")  # the launcher reads the step of the checkpoint
+        return control

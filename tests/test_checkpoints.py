@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from sfm_dpo import checkpoints
 from sfm_dpo.checkpoints import (
     MARKER,
     AtomicCheckpointMixin,
@@ -155,3 +156,55 @@ def test_finished_training_reads_the_state_against_the_request(tmp_path):
     middle = state("checkpoint-3", global_step=3, max_steps=6, num_train_epochs=1)
     assert not finished_training(middle, max_steps=-1, num_train_epochs=1)
     assert not finished_training(tmp_path / "no-state", max_steps=6, num_train_epochs=1)
+
+
+def test_a_damaged_complete_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
+    """A crash after the marker (or a bad copy) can leave a COMPLETE checkpoint with a truncated file: resume takes the
+    previous checkpoint, with a warning naming the damaged one and the file."""
+    out = tmp_path / "run"
+    tiny_trainer(out, max_steps=4, save_steps=2, save_total_limit=2).train()
+    record = json.loads((out / "checkpoint-4" / MARKER).read_text())
+    assert record["world_size"] == 1
+    assert record["files"]["trainer_state.json"]["sampled"] is None  # small: digested whole
+    sizes = {name: (out / "checkpoint-4" / name).stat().st_size for name in record["files"]}
+    assert {name: entry["bytes"] for name, entry in record["files"].items()} == sizes
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-4")
+
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: sizes["optimizer.pt"] // 2])
+    with caplog.at_level("WARNING", logger="sfm_dpo.checkpoints"):
+        assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert f"Skipping checkpoint {out / 'checkpoint-4'}" in caplog.text
+    assert f"optimizer.pt has {sizes['optimizer.pt'] // 2} bytes, {sizes['optimizer.pt']} were saved" in caplog.text
+
+    (out / "checkpoint-2" / "rng_state.pth").unlink()  # both damaged: a fresh start rather than a broken resume
+    assert latest_complete_checkpoint(out) is None
+
+
+def test_manifest_digests_small_files_whole_and_large_ones_at_both_ends(tmp_path, monkeypatch):
+    """Above WHOLE_DIGEST_BYTES only the first and last SAMPLE_BYTES are digested: a zero-filled tail (unwritten
+    extents after a crash) is caught, a changed byte in the middle of a large file is not (the sizes still match)."""
+    monkeypatch.setattr(checkpoints, "WHOLE_DIGEST_BYTES", 1 << 16)
+    monkeypatch.setattr(checkpoints, "SAMPLE_BYTES", 1 << 12)
+    folder = tmp_path / "checkpoint-1"
+    (folder / "global_step1").mkdir(parents=True)
+    big, small = folder / "global_step1" / "shard.pt", folder / "state.json"
+    big.write_bytes(bytes(range(256)) * 1024)  # 256 KiB
+    small.write_bytes(b"x" * 1000)
+    mark_complete(folder)
+    assert checkpoints.verify(folder) == []
+
+    def poke(path, offset, value):
+        data = bytearray(path.read_bytes())
+        data[offset] = value
+        path.write_bytes(bytes(data))
+
+    poke(small, 500, ord("y"))
+    assert checkpoints.verify(folder) == ["state.json differs from what was saved (its content, sha256)"]
+    poke(small, 500, ord("x"))
+    poke(big, len(big.read_bytes()) // 2, 0)  # not sampled
+    assert checkpoints.verify(folder) == []
+    poke(big, len(big.read_bytes()) - 10, 0)
+    assert checkpoints.verify(folder) == [
+        "global_step1/shard.pt differs from what was saved (its first and last 4096 bytes, sha256)"
+    ]

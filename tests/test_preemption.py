@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
 from sfm_dpo.checkpoints import is_complete, latest_complete_checkpoint
-from sfm_dpo.preemption import REQUEUE_MARKER_ENV, PreemptionCallback
-from tests.test_checkpoints import tiny_trainer, weights
+from sfm_dpo.preemption import REQUEUE_MARKER_ENV, PreemptionCallback, requeue_on_preemption
+from tests.test_checkpoints import GuardedTrainer, tiny_trainer, weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,83 @@ def test_no_signal_no_preemption(tmp_path, monkeypatch):
     assert not preemption.preempted and trainer.state.global_step == 3
     assert not marker.exists()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # uninstall restored pytest's handler
+
+
+class SignalWhileSaving(GuardedTrainer):
+    """Counts its checkpoints; sends SIGUSR1 to this process `times` times while the checkpoint of step `at` is being
+    written (model written, optimizer not yet), as Slurm or the launcher's re-send would."""
+
+    at, times = 4, 2
+
+    def _save_checkpoint(self, model, trial):
+        self.saved_steps = getattr(self, "saved_steps", []) + [self.state.global_step]
+        super()._save_checkpoint(model, trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.state.global_step == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGUSR1)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+
+@pytest.mark.parametrize("when", ["during step 3", "during the periodic save of step 4"])
+def test_one_save_per_preemption_whenever_the_signals_come(tmp_path, monkeypatch, when):
+    """Two signals in a row, during a step or while a periodic checkpoint is written: one checkpoint, then stop."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REQUEUE_MARKER_ENV, str(marker))
+    during_save = "save" in when
+    preemption = PreemptionCallback()
+    callbacks = [preemption] if during_save else [SignalAt(3), SignalAt(3), preemption]
+    try:
+        trainer = tiny_trainer(
+            tmp_path / "run", trainer_cls=SignalWhileSaving, callbacks=callbacks, max_steps=8, save_steps=4
+        )
+        trainer.at = 4 if during_save else -1
+        trainer.train()
+    finally:
+        preemption.uninstall()
+    step = 4 if during_save else 3
+    assert preemption.preempted and trainer.state.global_step == step
+    assert trainer.saved_steps == [step]  # not a second one at the next step end
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{step}"]
+    assert is_complete(tmp_path / "run" / f"checkpoint-{step}")
+    assert marker.read_text() == f"{step}\n"
+
+
+class SignalWhileLoading(GuardedTrainer):
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_signal_while_resuming_stops_before_the_first_step_and_requeues(tmp_path, monkeypatch):
+    """A signal during the checkpoint load (or DeepSpeed's start-up) stops before the first step, with nothing new to
+    save; `requeue_on_preemption` turns it into the requeue marker and exit 0."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REQUEUE_MARKER_ENV, str(marker))
+    tiny_trainer(tmp_path / "run", max_steps=2, save_steps=2).train()
+
+    trainers = []
+
+    @requeue_on_preemption
+    def main():
+        preemption = PreemptionCallback()
+        try:
+            trainers.append(
+                tiny_trainer(
+                    tmp_path / "run", trainer_cls=SignalWhileLoading, callbacks=[preemption], max_steps=6, save_steps=2
+                )
+            )
+            trainers[0].train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+        finally:
+            preemption.uninstall()
+        return 1  # training went on
+
+    assert main() == 0  # what the launcher sees
+    assert trainers[0].state.global_step == 2  # no step trained
+    assert marker.read_text().startswith("stopped during start-up")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 TWO_RANKS = r"""
