@@ -104,6 +104,18 @@ class ScriptArguments(trl.ScriptArguments):
         default=10,
         metadata={"help": "Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."},
     )
+    eval_split_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the preference pairs held out for evaluation (never trained on), chosen by a hash of each "
+            "pair's content and --eval_split_seed, so the same data and seed give the same split whatever the other "
+            "settings; recorded in <output_dir>/eval_split.json, which a resumed run reads back. Evaluated every "
+            "--eval_steps (with --eval_strategy steps) and at the end. 0: no split."
+        },
+    )
+    eval_split_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the held-out split (--eval_split_ratio). Default: --seed."}
+    )
 
     def __post_init__(self):
         if self.dataset_name is None:
@@ -120,6 +132,8 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(f"--ref_tokens_per_batch must be positive, got {self.ref_tokens_per_batch}.")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise ValueError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}.")
 
 
 def make_parser() -> trl.TrlParser:
@@ -172,6 +186,10 @@ def check_recipe(script_args: ScriptArguments, training_args, model_args) -> Non
         raise ValueError(
             "--precompute_ref_log_probs needs the fast path (--padding_free true): TRL's own precompute crashes under "
             "DeepSpeed ZeRO-2 (see sfm_dpo/ref_cache.py)."
+        )
+    if training_args.eval_strategy != "no" and not script_args.eval_split_ratio:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy} needs held-out pairs: set --eval_split_ratio (e.g. 0.01)."
         )
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. ORG/NAME-DPO).")

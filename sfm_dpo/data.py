@@ -31,6 +31,9 @@ METADATA_COLUMNS = ("dataset_source", "preference_type")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # Local JSON rows travel as text until validated (see `_json_lines`).
 RAW_COLUMN = "raw_json"
+# A digest of each normalized pair's content: what "the same pair" means for the held-out split (see `split_for_eval`).
+PAIR_ID_COLUMN = "pair_id"
+EVAL_SPLIT_FILE = "eval_split.json"
 
 
 class InvalidDataError(ValueError):
@@ -51,7 +54,8 @@ class DataReport:
     pairs_dropped_overlong: int = 0
     pairs_dropped_prompt_fills_max_length: int = 0
     pairs_identical_after_truncation: int = 0
-    pairs_used: int = 0
+    pairs_used: int = 0  # after every filter; the held-out pairs below are among them
+    pairs_held_out_for_eval: int = 0
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -265,6 +269,7 @@ def normalize_dataset(
             out.update({c: row.get(c) for c in METADATA_COLUMNS if c in first})
         out["invalid_reason"] = fault
         out["is_degenerate"] = not fault and pair["chosen"] == pair["rejected"]
+        out[PAIR_ID_COLUMN] = pair_id(pair)
         return out
 
     keep = [c for c in METADATA_COLUMNS if c in dataset.column_names]
@@ -421,3 +426,111 @@ def prepare_dataset(script_args, training_args, tokenizer) -> tuple[datasets.Dat
         raise InvalidDataError(f"No usable pair left in {source}: {asdict(report)}")
     text_columns = [c for c in ("prompt", "chosen", "rejected", "drop") if c in tokenized.column_names]
     return tokenized.remove_columns(text_columns), report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Held-out evaluation split
+#
+# A pair is held out when a hash of (seed, its content) falls below the ratio: membership depends on that pair alone,
+# not on row order or on which other rows a setting filtered out. So every sweep point over the same data and seed
+# (other model, learning rate, max_length...) holds out the same pairs, as far as each keeps them at all (a pair
+# dropped as overlong at one max_length is missing from that point's eval set, not replaced). The content is the
+# normalized prompt/chosen/rejected, before tokenization: a model with another tokenizer still means the same pairs.
+
+
+def pair_id(pair: dict) -> str:
+    """16 hex digits of sha256 over the normalized pair (prompt, chosen, rejected); equal pairs share an id."""
+    content = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def is_held_out(pair_id: str, seed: int, ratio: float) -> bool:
+    """True for about `ratio` of all ids, fixed by `seed` and the id alone."""
+    draw = int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:16], 16)
+    return draw < ratio * 2**64
+
+
+@dataclass
+class EvalSplit:
+    """The held-out pairs of a run, recorded in its output folder (`eval_split.json`) when it starts; a resumed run
+    (or any later run in that folder) reads them back instead of drawing again."""
+
+    source: str
+    seed: int
+    ratio: float
+    pair_ids: list[str]  # sorted, unique
+    eval_pairs: int  # rows held out (duplicated pairs count once per row)
+    train_pairs: int
+    method: str = "sha256(f'{seed}:{pair_id}') < ratio * 2**64; pair_id = sha256(normalized prompt, chosen, rejected)"
+
+    def save(self, output_dir) -> Path:
+        path = Path(output_dir) / EVAL_SPLIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)  # atomic: a reader sees the old record or the whole new one
+        return path
+
+    @classmethod
+    def load(cls, output_dir) -> "EvalSplit | None":
+        path = Path(output_dir) / EVAL_SPLIT_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def split_for_eval(dataset: datasets.Dataset, script_args, training_args, report: DataReport | None = None):
+    """`(train, eval, EvalSplit)`: the held-out pairs (`--eval_split_ratio`, drawn with `--eval_split_seed`, default
+    `--seed`) out of `dataset`, or `(dataset, None, None)` without a split. A split recorded in `output_dir` wins over
+    the settings (that is what keeps it across resume); any difference from what the settings and the data give now
+    is logged as a warning. The caller saves the returned record (rank 0)."""
+    ratio = script_args.eval_split_ratio or 0.0
+    seed = script_args.eval_split_seed if script_args.eval_split_seed is not None else training_args.seed
+    recorded = EvalSplit.load(training_args.output_dir)
+    if recorded is None and ratio == 0:
+        return dataset, None, None
+    ids = dataset[PAIR_ID_COLUMN]
+    if recorded is None:
+        held_out = {i for i in set(ids) if is_held_out(i, seed, ratio)}
+    else:
+        held_out = set(recorded.pair_ids)
+        _check_recorded_split(recorded, ids, script_args.dataset_name, seed, ratio, training_args.output_dir)
+    eval_rows = [k for k, i in enumerate(ids) if i in held_out]
+    train_rows = [k for k, i in enumerate(ids) if i not in held_out]
+    where = f"{script_args.dataset_name} ({len(dataset)} pairs, eval_split_ratio={ratio}, seed {seed})"
+    if not eval_rows:
+        raise InvalidDataError(f"The held-out split of {where} is empty: raise --eval_split_ratio.")
+    if not train_rows:
+        raise InvalidDataError(f"The held-out split of {where} takes every pair: lower --eval_split_ratio.")
+    split = recorded or EvalSplit(
+        source=script_args.dataset_name, seed=seed, ratio=ratio, pair_ids=sorted(held_out),
+        eval_pairs=len(eval_rows), train_pairs=len(train_rows),
+    )  # fmt: skip
+    if report is not None:
+        report.pairs_held_out_for_eval = len(eval_rows)
+    logger.info(
+        "Held-out split: %d pairs for evaluation, %d for training (%s).",
+        len(eval_rows), len(train_rows), "recorded in the output folder" if recorded else f"ratio {ratio}, seed {seed}",
+    )  # fmt: skip
+    return dataset.select(train_rows), dataset.select(eval_rows), split
+
+
+def _check_recorded_split(recorded: EvalSplit, ids: list[str], source: str, seed: int, ratio: float, output_dir):
+    """Says how the recorded split differs from what the current settings and data would draw."""
+    path = Path(output_dir) / EVAL_SPLIT_FILE
+    settings = {"source": (recorded.source, source), "seed": (recorded.seed, seed), "ratio": (recorded.ratio, ratio)}
+    changed = {name: pair for name, pair in settings.items() if pair[0] != pair[1]}
+    if changed:
+        logger.warning(
+            "The held-out split recorded in %s was drawn with other settings (%s); it is kept, so that no held-out "
+            "pair is trained on. For a split with the new settings, use another --output_dir.",
+            path, ", ".join(f"{k} {old!r} -> now {new!r}" for k, (old, new) in changed.items()),
+        )  # fmt: skip
+    present = set(ids)
+    missing = [i for i in recorded.pair_ids if i not in present]
+    fresh = {i for i in present if is_held_out(i, recorded.seed, recorded.ratio)} - set(recorded.pair_ids)
+    if missing or fresh:
+        logger.warning(
+            "The data changed since the held-out split in %s was recorded: %d of its %d held-out pairs are no longer "
+            "in the data (evaluation runs on the %d left), and %d pairs now in the data would have been drawn for it "
+            "(they train, as the record does not hold them).",
+            path, len(missing), len(recorded.pair_ids), len(recorded.pair_ids) - len(missing), len(fresh),
+        )  # fmt: skip

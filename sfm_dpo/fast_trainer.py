@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
 from .attention import apply_backend, select_backend_for_model
+from .evaluation import PackedEvaluationMixin
 from .packing import (
     REF_COLUMNS,
     PackedPreferenceCollator,
@@ -37,6 +38,7 @@ SUPPORTED_LOSSES = ("sigmoid", "sigmoid_norm")
 PAIR_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
     "rewards_norm/chosen", "rewards_norm/rejected", "rewards_norm/margins", "rewards_norm/accuracies",
+    "logratios/chosen", "logratios/rejected",
 )  # fmt: skip
 TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
 
@@ -94,7 +96,7 @@ class PackingPlanRecord(TrainerCallback, ExportableState):
             )  # fmt: skip
 
 
-class FastDPOTrainer(SFMDPOTrainer):
+class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
     """`SFMDPOTrainer` with the packed forward. Extra arguments (all keyword):
 
     attn_backend: "auto" | "varlen" | "flash_attention_2" | "flex" | "sdpa"; probed at start-up, falling back in
@@ -125,6 +127,7 @@ class FastDPOTrainer(SFMDPOTrainer):
             raise ValueError("FastDPOTrainer needs an instantiated model and a DPOConfig.")
         self.packed = bool(args.padding_free)
         self.reference_cache = reference_cache
+        self.max_tokens_per_microbatch = max_tokens_per_microbatch  # the eval dataloader packs to it too
         if not self.packed:
             logger.info("padding_free=False: stock TRL padded batches (SFMDPOTrainer), for comparison.")
             super().__init__(
@@ -294,6 +297,9 @@ class FastDPOTrainer(SFMDPOTrainer):
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
             "logps/chosen": chosen_logps,
+            # Policy minus reference summed log-prob (nats per completion): both falling is DPO's known failure.
+            "logratios/chosen": chosen_logratios,
+            "logratios/rejected": rejected_logratios,
             "logps/rejected": rejected_logps,
             **normalized_reward_metrics(
                 self.beta, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 WATCHED = ("loss", "rewards/accuracies", "rewards/margins", "rewards_norm/accuracies", "rewards_norm/margins")
+# The held-out split (sfm_dpo.evaluation), evaluated every eval_steps and after the last step.
+WATCHED_EVAL = tuple(f"eval_{key}" for key in WATCHED + ("logratios/chosen", "logratios/rejected"))
 
 
 def first_and_last(log_history: list[dict], key: str) -> tuple[float, float] | None:
@@ -30,6 +32,8 @@ def run_summary(trainer, train_result, output_dir: str) -> dict:
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "train_runtime_s": metrics.get("train_runtime"),
         "first_and_last": {k: pair for k in WATCHED if (pair := first_and_last(trainer.state.log_history, k))},
+        "held_out_pairs": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        "held_out": {k: pair for k in WATCHED_EVAL if (pair := first_and_last(trainer.state.log_history, k))},
         "output_dir": str(output_dir),
     }
 
@@ -45,6 +49,10 @@ def summary_text(summary: dict) -> str:
     ]
     for key, (first, last) in summary["first_and_last"].items():
         lines.append(f"  {key}: first logged {first:.4f} -> last logged {last:.4f}")
+    if summary.get("held_out"):
+        lines.append(f"  held-out pairs: {summary['held_out_pairs']} (eval_split.json), evaluated:")
+        for key, (first, last) in summary["held_out"].items():
+            lines.append(f"    {key}: first {first:.4f} -> last {last:.4f}")
     lines.append(f"  model saved to: {summary['output_dir']}")
     return "\n".join(lines)
 
