@@ -12,6 +12,7 @@ data path and the forward change:
 padded behaviour, for comparison.
 """
 
+import contextlib
 import logging
 import math
 
@@ -69,31 +70,86 @@ def _check_supported(args, model) -> None:
 
 
 class PackingPlanRecord(TrainerCallback, ExportableState):
-    """Keeps the digest of the micro-batch plan in each checkpoint's trainer_state.json (`stateful_callbacks`) and warns
-    when a run resumes with another plan. A resumed Trainer skips the micro-batches already trained by count, so with
-    another plan (other seed, data, token budget or planner code) the rest of the epoch is not the rest of the original
-    order: some pairs train twice in that epoch and others not at all."""
+    """Keeps, in each checkpoint's trainer_state.json (`stateful_callbacks`), a digest of the pairs of every planned
+    step (`TokenBudgetBatchSampler.step_digests`), and stops a resume whose remaining steps of the epoch would train
+    other pairs. A resumed Trainer skips the steps already trained by count, so with another plan the rest of the
+    epoch is not the rest of the original order: some pairs would train twice in it and others not at all, and
+    nothing in the losses would show it. A stop, not a warning: a sweep's requeued jobs resume unattended, and a
+    warning in a 20-hour log is a silently wrong result. Changes that keep the pairs of each step (world size, token
+    budget, max_steps) pass silently."""
 
-    def __init__(self, fingerprint: str):
-        self.fingerprint = fingerprint
+    def __init__(self, step_digests: list[list[str]]):
+        self.step_digests = step_digests
 
     def state(self) -> dict:
-        return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
+        return {"args": {"step_digests": self.step_digests}, "attributes": {}}
+
+    @staticmethod
+    def _remaining(step_digests: list[list[str]], global_step: int) -> tuple[int, list[str]]:
+        """The epoch a resume at `global_step` is in and the digests of its steps still to come, by the Trainer's
+        arithmetic (`Trainer._init_training_state`: epoch = global_step // steps per epoch)."""
+        epoch, done = divmod(global_step, len(step_digests[0]))
+        return epoch, step_digests[epoch % len(step_digests)][done:]
 
     def on_train_begin(self, args, state, control, **kwargs):
         name = type(self).__name__
         saved = state.stateful_callbacks.get(name)
-        if saved is None:  # a checkpoint from before this record: transformers' next save would fail on the key
+        if saved is None or "step_digests" not in saved["args"]:
+            # A checkpoint from before this record: transformers' next save would fail on a missing key.
             state.stateful_callbacks[name] = self.state()
             if state.global_step > 0:
                 logger.warning("The checkpoint has no record of its micro-batch plan; resuming without checking it.")
-        elif saved["args"]["fingerprint"] != self.fingerprint and state.global_step > 0:
-            logger.warning(
-                "The micro-batch plan differs from the checkpoint's (%s, now %s): the seed, the data, the token budget "
-                "or the planner changed. Training goes on from step %d of the new plan, so the rest of this epoch does "
-                "not follow the original order (some pairs train twice in it, others not at all).",
-                saved["args"]["fingerprint"], self.fingerprint, state.global_step,
-            )  # fmt: skip
+            return
+        if state.global_step == 0:
+            return
+        epoch, before = self._remaining(saved["args"]["step_digests"], state.global_step)
+        _, now = self._remaining(self.step_digests, state.global_step)
+        horizon = max(state.max_steps - state.global_step, 0)  # the steps this run will train in that epoch
+        before, now = before[:horizon], now[:horizon]
+        if before != now:
+            first = next((i for i, (a, b) in enumerate(zip(before, now)) if a != b), min(len(before), len(now)))
+            raise ValueError(
+                f"Resuming at step {state.global_step} in {args.output_dir}: this run's plan trains other pairs than "
+                f"the checkpoint's from step {state.global_step + first + 1} on (epoch {epoch}). The pairs of a step "
+                "come from the seed (data_seed, else seed), the training rows and their token counts, the pairs per "
+                "optimizer step (effective_batch_size) and the planner's code: one of them changed since the "
+                "checkpoint. Going on would train some pairs of this epoch twice and others not at all. Resume with "
+                "the checkpoint's settings, or train its weights as a new run (--model_name_or_path CHECKPOINT_DIR "
+                "with a fresh output_dir)."
+            )
+
+
+class SamplerEpoch(TrainerCallback):
+    """Sets the sampler's epoch at the start of every epoch, from the Trainer's own arithmetic (epoch = global_step //
+    steps per epoch, as `Trainer._init_training_state` derives the epoch to resume in).
+
+    The Trainer's and accelerate's `set_epoch` calls reach a batch sampler through one wrapper at most: after a
+    mid-epoch resume on several ranks the loader's sampler is `SkipBatchSampler(BatchSamplerShard(sampler))`
+    (accelerate's `skip_first_batches` around `prepare_data_loader`'s shard), and the sampler would stay at epoch 0,
+    replaying epoch 0's order in place of the rest of the epoch it resumes in."""
+
+    def __init__(self, sampler: TokenBudgetBatchSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(state.global_step // self.sampler.steps_per_epoch)
+
+
+# Per completion token: how far the policy's summed log-probs on the first micro-batch may be from the cached
+# reference's at a fresh start (same weights, another packing: only the kernels' rounding differs). bf16 / fp16 /
+# TF32: 0.05 nats, ~50x what bench/README.md measured between the packed bf16 forward (compiled, other row sizes) and
+# stock TRL at 1.4B on an H100 (log-probs agree to 1e-4 relative, i.e. ~1e-3 nats per token at the ~10.8 nats per
+# token of a random-init model). fp32 rounds 2^16 times finer; the CPU tests see < 1e-6 per token, and 1e-3 leaves
+# room for other BLAS kernels. Weights of another model or revision move the log-probs by far more (two random tiny
+# models: up to 0.06 per token; trained models: tenths of a nat).
+REFERENCE_TOLERANCE_PER_TOKEN = {"fp32": 1e-3, "low_precision": 5e-2}
+
+
+def reference_tolerance(completion_lengths: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """`[S]` tolerance (nats) of each sequence's summed completion log-prob: the per-token tolerance x its tokens (the
+    rounding of a sum grows with its terms; a 1-token sequence keeps one token's worth)."""
+    per_token = REFERENCE_TOLERANCE_PER_TOKEN["low_precision" if low_precision else "fp32"]
+    return per_token * completion_lengths.float().clamp(min=1)
 
 
 class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
@@ -185,18 +241,23 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         # TRL 1.16 warns that padding_free is disabled and pads anyway; it never sees the flag, we do the packing.
         args.padding_free = False
         try:
-            super().__init__(
-                model, ref_model, args, data_collator=PackedPreferenceCollator(), train_dataset=train_dataset, **kwargs
-            )
+            with _without_trl_model_hash():
+                super().__init__(
+                    model, ref_model, args, data_collator=PackedPreferenceCollator(), train_dataset=train_dataset,
+                    **kwargs,
+                )  # fmt: skip
         finally:
             args.padding_free = True
+        self._precompute_model_hash = None  # TRL's reference cache name, unused here (`_without_trl_model_hash`)
         if self.ref_model is not None:
             apply_backend(self.accelerator.unwrap_model(self.ref_model), self.attn_backend)
         # Each micro-batch's loss is already scaled by world_size / pairs_in_step (see `_compute_loss`).
         self.loss_is_scaled_for_ga = True
         # Per logging window: [2, metrics] sums and counts, and real tokens, on this rank's device; gathered in `log`.
         self._window = {"train": None, "eval": None}
-        self.add_callback(PackingPlanRecord(self.batch_sampler.fingerprint()))
+        self.add_callback(PackingPlanRecord(self.batch_sampler.step_digests()))
+        self.add_callback(SamplerEpoch(self.batch_sampler))
+        self._reference_check_pending = True  # the first training micro-batch compares the policy with the cache
 
     # --- data --------------------------------------------------------------------------------------------------------
 
@@ -253,6 +314,9 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
             raise NotImplementedError("The packed path builds no logits; evaluate with prediction_loss_only=True.")
         mode = "train" if self.model.training else "eval"
         logps, outputs = packed_forward(model, inputs)
+        if mode == "train" and self._reference_check_pending:
+            self._reference_check_pending = False
+            self._check_cached_reference(model, logps.detach(), inputs)
         chosen_logps, rejected_logps = logps[0::2], logps[1::2]
         ref_chosen_logps, ref_rejected_logps = (x.to(logps) for x in self._reference_logps(inputs))
         chosen_logratios = chosen_logps - ref_chosen_logps
@@ -282,6 +346,51 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         self._record_metrics(mode, inputs, outputs, weights, chosen_logps, rejected_logps, chosen_logratios,
                              rejected_logratios, chosen_tokens, rejected_tokens)  # fmt: skip
         return loss
+
+    def _check_cached_reference(self, model, logps, inputs) -> None:
+        """At a fresh start the policy is the model that made the cached reference, so its log-probs on the first
+        micro-batch (`logps`, `[S]`, from the training forward: no extra one) must equal the cached ones up to the
+        kernels' rounding (`reference_tolerance`). A cache made by other weights (another model or revision under a
+        folder the run reuses) would train every step against the wrong reference. Every rank checks its own first
+        micro-batch; the gathered maximum makes all of them agree (and stop together)."""
+        if self.reference_cache is None or REF_COLUMNS[0] not in inputs:
+            return
+        if self.state.global_step > 0:
+            logger.info(
+                "Reference cache check skipped: resuming at step %d, the policy is no longer the model that made the "
+                "reference (%s).", self.state.global_step, self.reference_cache,
+            )  # fmt: skip
+            return
+        cached = torch.stack([inputs[c].to(logps) for c in REF_COLUMNS], dim=1).flatten()  # chosen_0, rejected_0, ...
+        lengths = inputs["completion_lengths"].to(logps.device)
+        weights = next(self.accelerator.unwrap_model(model).parameters()).dtype
+        low_precision = (
+            self.args.bf16 or self.args.fp16 or weights in (torch.bfloat16, torch.float16)
+            or torch.get_float32_matmul_precision() != "highest"  # TF32 matmuls
+        )  # fmt: skip
+        difference = (logps - cached).abs()
+        local = torch.stack([
+            difference.max(), (difference / lengths.clamp(min=1)).max(),
+            (difference / reference_tolerance(lengths, low_precision)).max(),
+        ])  # fmt: skip
+        worst, per_token, excess = self.accelerator.gather(local[None]).amax(0).tolist()
+        tolerance = REFERENCE_TOLERANCE_PER_TOKEN["low_precision" if low_precision else "fp32"]
+        precision = "bf16/fp16/TF32" if low_precision else "fp32"
+        if excess > 1:
+            raise RuntimeError(
+                f"The cached reference log-probs in {self.reference_cache} were not made by these weights: on the first "
+                f"micro-batch of this fresh start the policy's summed completion log-probs differ from the cached ones "
+                f"by up to {worst:.3g} nats ({per_token:.3g} per completion token; {precision} rounding allows "
+                f"{tolerance:g}). At step 0 the policy is the model that made the reference, so the cache came from "
+                f"other weights (another model, revision or checkpoint under the same key). Delete {self.reference_cache} "
+                "so that it is recomputed, and check --model_name_or_path / --model_revision (a branch such as main "
+                "can move between runs)."
+            )
+        logger.info(
+            "Reference cache check (%s): the policy reproduces the cached reference log-probs of the first micro-batch, "
+            "max difference %.2e nats per sequence, %.2e per completion token (tolerance %g per token, %s).",
+            self.reference_cache, worst, per_token, tolerance, precision,
+        )  # fmt: skip
 
     # --- metrics -------------------------------------------------------------------------------------------------------
 
@@ -353,3 +462,20 @@ def _set_gradient_accumulation(args, steps: int) -> None:
         args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
         args.hf_deepspeed_config.trainer_config_process(args)
         args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+
+
+@contextlib.contextmanager
+def _without_trl_model_hash():
+    """Builds DPOTrainer without its model hash. With precompute_ref_log_probs, TRL 1.16's `DPOTrainer.__init__` hashes
+    every weight (`trl.trainer.utils.hash_module`: a CPU copy of the state dict; at 7B, 14 GB copied and ~28 GB hashed
+    per rank at every start) to name the file of its own reference log-prob cache (`_precompute_ref_logps`), which the
+    packed path replaces by `sfm_dpo.ref_cache`. The call sits inline in `__init__`, so there is no method to
+    override: the name it calls is pointed at a placeholder while the parent class builds, and put back after."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    real = dpo_trainer.hash_module
+    dpo_trainer.hash_module = lambda module: "unused: the packed path keeps its own reference cache"
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = real

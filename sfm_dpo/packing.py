@@ -384,10 +384,20 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps_per_epoch * self.microbatches_per_step * self.world_size
 
-    def fingerprint(self) -> str:
-        """A digest of every planned micro-batch (rows and weights, all epochs): equal plans, equal digests."""
-        plan = json.dumps([self.microbatches_per_step, self._plans], separators=(",", ":"))
-        return hashlib.sha256(plan.encode()).hexdigest()[:16]
+    def step_digests(self) -> list[list[str]]:
+        """`[epoch][step]`: a digest of the sorted ids of the pairs each step trains (fillers left out). What a resumed
+        run must keep: the Trainer skips the steps already trained by count. The pairs of a step come from the seed,
+        the rows' token counts and `pairs_per_step` (`stratified_order`); the world size, the token budget and the
+        number of planned epochs only change how the step is split, so they leave the digests alone."""
+        return [
+            [
+                hashlib.sha256(
+                    json.dumps(sorted(i for bins in step for b in bins for i, w in b if w > 0)).encode()
+                ).hexdigest()[:12]
+                for step in plan
+            ]
+            for plan in self._plans
+        ]
 
     def stats(self) -> dict[str, float]:
         """Token counts per micro-batch over epoch 0's plan, fillers included (what memory must hold)."""

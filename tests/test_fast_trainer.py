@@ -46,7 +46,8 @@ def make_args(tmp_path, **overrides) -> DPOConfig:
 
 
 def build(trainer_cls, tmp_path, rows, arch="gpt_neox", ref_model=True, **kwargs):
-    trainer_kwargs = {k: kwargs.pop(k) for k in ("attn_backend", "max_tokens_per_microbatch") if k in kwargs}
+    trainer_kwargs = {k: kwargs.pop(k) for k in ("attn_backend", "max_tokens_per_microbatch", "reference_cache")
+                      if k in kwargs}  # fmt: skip
     args = make_args(tmp_path, **kwargs)
     model = build_tiny_model(arch, VOCAB, seed=1)
     ref = build_tiny_model(arch, VOCAB, seed=2) if ref_model else None  # a reference unlike the policy: margins != 0
@@ -251,8 +252,10 @@ if __name__ == "__main__":
 
 
 def test_resume_checks_the_micro_batch_plan(tmp_path, caplog):
-    """The plan's digest is in every checkpoint (trainer_state.json): resuming with the same plan is silent, with
-    another one (here another seed) it warns, and a checkpoint written before the record resumes and saves again."""
+    """Every checkpoint (trainer_state.json) records a digest of each step's pairs. Resuming with the same pairs per
+    step is silent, even with another max_steps or token budget (only the split changes); with other pairs in the rest
+    of the epoch (here another seed) it stops; a checkpoint written before the record resumes with a warning and
+    saves again."""
     rows = make_rows(24, seed=8, max_completion=40)
     settings = dict(attn_backend="sdpa", max_tokens_per_microbatch=160, max_steps=2, save_strategy="steps",
                     save_steps=1, optim="sgd", learning_rate=0.1)  # fmt: skip
@@ -260,21 +263,98 @@ def test_resume_checks_the_micro_batch_plan(tmp_path, caplog):
     first.train()
     checkpoint = tmp_path / "checkpoint-1"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["PackingPlanRecord"]
-    assert saved["args"]["fingerprint"] == first.batch_sampler.fingerprint()
+    assert saved["args"]["step_digests"] == first.batch_sampler.step_digests()
 
     def resume(**overrides):
         caplog.clear()
         trainer = build(FastDPOTrainer, tmp_path, rows, **{**settings, **overrides})
         trainer.train(resume_from_checkpoint=str(checkpoint))
-        assert trainer.state.global_step == 2
+        assert trainer.state.global_step == trainer.args.max_steps
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
     with caplog.at_level("WARNING"):
-        assert not any("micro-batch plan" in m for m in resume())
-        other_seed = resume(seed=1)
-        assert any("micro-batch plan differs from the checkpoint's" in m for m in other_seed), other_seed
+        assert not any("plan" in m for m in resume())
+        assert not any("plan" in m for m in resume(max_steps=3, max_tokens_per_microbatch=100))
+        with pytest.raises(ValueError, match=r"Resuming at step 1 .*from step 2 on \(epoch 0\)") as stop:
+            resume(seed=1)
+        assert "seed" in str(stop.value) and str(tmp_path) in str(stop.value)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         del state["stateful_callbacks"]["PackingPlanRecord"]
         (checkpoint / "trainer_state.json").write_text(json.dumps(state))
         assert any("no record of its micro-batch plan" in m for m in resume())
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def cached_rows(rows, reference) -> list[dict]:
+    """`rows` with the reference log-probs of `reference` (a tiny model), as the reference cache holds them."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sfm_dpo.attention import apply_backend
+    from sfm_dpo.packing import reference_logps_fn
+
+    add_fused_lm_head(reference)
+    apply_backend(reference, "sdpa")
+    chosen, rejected = reference_logps_fn(reference, "cpu", max_tokens=200)(rows)
+    return [dict(r, ref_chosen_logps=float(c), ref_rejected_logps=float(j)) for r, c, j in zip(rows, chosen, rejected)]
+
+
+def test_training_checks_the_cached_reference_on_its_first_micro_batch(tmp_path, caplog):
+    """A fresh start trains from the weights that made the reference, so the first micro-batch's policy log-probs
+    equal the cached ones: a cache of these weights passes (and the difference is logged), a cache made by other
+    weights (a stale cache) stops before the first optimizer step, naming the folder."""
+    rows = make_rows(12, seed=9, max_completion=30)
+    settings = dict(ref_model=False, attn_backend="sdpa", max_tokens_per_microbatch=120, max_steps=1,
+                    precompute_ref_log_probs=True, optim="sgd", learning_rate=0.1)  # fmt: skip
+    good = build(FastDPOTrainer, tmp_path / "good", cached_rows(rows, build_tiny_model("gpt_neox", VOCAB, seed=1)),
+                 reference_cache="/caches/good-folder", **settings)  # fmt: skip
+    with caplog.at_level("INFO", logger="sfm_dpo"):
+        good.train()
+    assert good.state.global_step == 1
+    lines = [r.getMessage() for r in caplog.records if "cached reference" in r.getMessage()]
+    assert len(lines) == 1 and "/caches/good-folder" in lines[0] and "reproduces" in lines[0], caplog.text
+    assert float(lines[0].split("max difference ")[1].split()[0]) < 1e-5  # fp32: rounding only
+
+    stale = build(FastDPOTrainer, tmp_path / "stale", cached_rows(rows, build_tiny_model("gpt_neox", VOCAB, seed=2)),
+                  reference_cache="/caches/stale-folder", **settings)  # fmt: skip
+    before = parameters(stale.model)
+    with pytest.raises(RuntimeError, match="/caches/stale-folder") as stop:
+        stale.train()
+    assert "--model_revision" in str(stop.value) and "Delete" in str(stop.value)
+    assert all(torch.equal(before[n], p) for n, p in parameters(stale.model).items())  # no step taken
+
+    # Without a cache folder (reference columns the caller computed) nothing is checked.
+    unnamed = build(FastDPOTrainer, tmp_path / "unnamed",
+                    cached_rows(rows, build_tiny_model("gpt_neox", VOCAB, seed=2)), **settings)  # fmt: skip
+    unnamed.train()
+    assert unnamed.state.global_step == 1
+
+
+def test_reference_tolerance_follows_the_dtype_and_the_lengths():
+    from sfm_dpo.fast_trainer import reference_tolerance
+
+    lengths = torch.tensor([1, 10, 1000])
+    assert torch.equal(reference_tolerance(lengths, low_precision=False), 1e-3 * lengths.float())
+    assert torch.equal(reference_tolerance(lengths, low_precision=True), 5e-2 * lengths.float())
+
+
+def test_trl_does_not_hash_the_model_on_the_packed_path(tmp_path, monkeypatch):
+    """TRL's DPOTrainer hashes every weight (a CPU copy of the model) for its own reference cache's file name, which
+    the packed path does not use; the stock path still does."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    calls = []
+    real = dpo_trainer.hash_module
+
+    def counting(module):
+        calls.append(type(module).__name__)
+        return real(module)
+
+    monkeypatch.setattr(dpo_trainer, "hash_module", counting)
+    rows = make_rows(4, seed=10)
+    cached = cached_rows(rows, build_tiny_model("gpt_neox", VOCAB, seed=1))
+    fast = build(FastDPOTrainer, tmp_path / "fast", cached, ref_model=False, attn_backend="sdpa",
+                 precompute_ref_log_probs=True)  # fmt: skip
+    assert calls == [] and fast.ref_model is None
+    assert dpo_trainer.hash_module is counting  # put back after building
+    build(SFMDPOTrainer, tmp_path / "stock", rows, ref_model=False, precompute_ref_log_probs=True)
+    assert len(calls) == 1

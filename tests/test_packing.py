@@ -1,5 +1,7 @@
 """Packed layout, the chunked LM head's memory, and the token-budget sampler's invariants."""
 
+import hashlib
+import json
 import random
 from collections import Counter
 
@@ -124,7 +126,9 @@ def test_lm_head_never_builds_tokens_by_vocab_logits(monkeypatch):
     apply_backend(model, "sdpa")
 
     with MaxAllocation() as unfused:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+              max_length_q=longest, max_length_k=longest)  # fmt: skip
     assert unfused.largest >= n_tokens * vocab  # the recorder sees the [1, T, V] logits when they exist
 
     with MaxAllocation() as fused:
@@ -265,3 +269,32 @@ def test_reference_logps_fn_matches_one_packed_batch():
     torch.testing.assert_close(chosen, want_chosen, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(rejected, want_rejected, rtol=1e-6, atol=1e-5)
     assert chosen.dtype == torch.float32 and not chosen.requires_grad
+
+
+def test_step_digests_depend_on_the_pairs_of_each_step_only():
+    """What a resume must keep: the pairs of each step. They come from the seed, the rows and pairs_per_step, not from
+    the world size, the token budget or the number of planned epochs (max_steps), which only change the split."""
+    rng = random.Random(5)
+    tokens = [int(rng.lognormvariate(5, 0.8)) + 4 for _ in range(100)]
+    base = TokenBudgetBatchSampler(tokens, 16, 2, seed=0, num_epochs=2, max_tokens_per_microbatch=600)
+    digests = base.step_digests()
+    assert len(digests) == 2 and all(len(epoch) == base.steps_per_epoch == 7 for epoch in digests)
+    expected = [
+        [hashlib.sha256(json.dumps(sorted(i for b in step[0] + step[1] for i, w in b if w > 0)).encode()).hexdigest()
+         for step in base.plan(epoch)]
+        for epoch in (0, 1)
+    ]  # fmt: skip
+    assert [[d[:12] for d in epoch] for epoch in expected] == digests
+    for same in (
+        TokenBudgetBatchSampler(tokens, 16, 4, seed=0, num_epochs=2, max_tokens_per_microbatch=600),
+        TokenBudgetBatchSampler(tokens, 16, 1, seed=0, num_epochs=2, max_tokens_per_microbatch=300),
+        TokenBudgetBatchSampler(tokens, 16, 2, seed=0, num_epochs=3, pairs_per_microbatch=2),
+    ):
+        assert same.step_digests()[:2] == digests
+    for other in (
+        TokenBudgetBatchSampler(tokens, 16, 2, seed=1, num_epochs=2, max_tokens_per_microbatch=600),
+        TokenBudgetBatchSampler(tokens, 20, 2, seed=0, num_epochs=2, max_tokens_per_microbatch=600),
+        TokenBudgetBatchSampler(tokens[:-1] + [tokens[-1] + 500], 16, 2, seed=0, num_epochs=2,
+                                max_tokens_per_microbatch=600),
+    ):  # fmt: skip
+        assert other.step_digests() != digests
