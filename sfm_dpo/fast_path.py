@@ -105,8 +105,9 @@ def attach_reference_logps(
     if state.num_processes > 1:
         broadcast_object_list(found, from_process=0)
     info = {"model": model_args.model_name_or_path, "revision": model_args.model_revision}
-    dataset, folder = ref_cache.load_or_compute_folder(dataset, compute_fn, cache_dir, found[0], state,
-                                                       token_budget=budget, should_stop=should_stop, info=info)  # fmt: skip
+    dataset, folder = ref_cache.load_or_compute_folder(
+        dataset, compute_fn, cache_dir, found[0], state, token_budget=budget, should_stop=should_stop, info=info
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the pass's activation blocks, before DeepSpeed allocates its flat buffers
     return dataset, folder

@@ -56,10 +56,11 @@ CACHE_FORMAT = 2  # bump when the file layout or the meaning of the values chang
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SHARD_SECONDS = 300.0  # a preempted or crashed rank loses at most this much of its pass
-# What `model_identity` digests in a model folder: transformers' weight files, and the config (rope scaling, sliding
-# windows and the like change the values too). Not optimizer.pt, training_args.bin, the tokenizer (the token ids are
-# fingerprinted themselves) or the README.
+# What `model_identity` digests in a model folder: transformers' weight files, the config (rope scaling, sliding
+# windows and the like change the values too) and any remote code (`*.py`, the forward of a trust_remote_code model).
+# Not optimizer.pt, training_args.bin, the tokenizer (the token ids are fingerprinted themselves) or the README.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+CODE_PATTERNS = ("config.json", "*.py")
 
 ComputeFn = Callable[[list[dict]], tuple[Sequence[float], Sequence[float]]]
 
@@ -109,9 +110,9 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def _stored_file_digest(path: Path, digest_dir: Path | None) -> str:
-    """`file_digest(path)`, computed once: kept in `digest_dir` under the file's resolved path and reused while its size
-    and mtime_ns are those recorded (a rewrite changes mtime; a 14 GB model is then read again, ~1.5 s per 14 GB from
-    the page cache, the filesystem's read speed otherwise)."""
+    """`file_digest(path)`, computed once: kept in `digest_dir` under the file's resolved path and reused while its
+    size and mtime_ns are those recorded (a rewrite changes mtime, and the file is read again: ~1.5 s for the 14 GB
+    of a 7B model from the page cache, the filesystem's read speed otherwise)."""
     resolved = path.resolve()
     stat = resolved.stat()
     record = {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -161,15 +162,15 @@ def resolve_model_folder(model_name_or_path: str, revision: str | None = None) -
 def model_identity(
     model_name_or_path: str, revision: str | None = None, digest_dir: str | os.PathLike | None = None
 ) -> dict:
-    """`{"weights": digest}` for the cache key: a digest of the full content of the model's weight files and config
-    (`WEIGHT_PATTERNS`, config.json), by file name. Not the name, path or branch: a moved or renamed copy is the same
-    model, a re-pushed or edited one (a single tensor) another. Each file's digest is stored in `digest_dir` and
-    reused while its size and mtime match, so only the first run reads the 14 GB of a 7B model."""
+    """`{"weights": digest}` for the cache key: a digest of the full content of the model's weight files, config and
+    remote code (`WEIGHT_PATTERNS`, `CODE_PATTERNS`), by file name. Not the name, path or branch: a moved or renamed
+    copy is the same model, a re-pushed or edited one (a single tensor) another. Each file's digest is stored in
+    `digest_dir` and reused while its size and mtime match, so only the first run reads the 14 GB of a 7B model."""
     folder, description = resolve_model_folder(model_name_or_path, revision)
     weights = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
     if not weights:
         raise ValueError(f"No weight files ({', '.join(WEIGHT_PATTERNS)}) in {folder}; cannot identify the model.")
-    files = weights + ([folder / "config.json"] if (folder / "config.json").is_file() else [])
+    files = weights + sorted({p for pattern in CODE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
     digests = {p.name: _stored_file_digest(p, Path(digest_dir) if digest_dir else None) for p in files}
     logger.info("Reference weights: %s, %d files", description, len(files))
     return {"weights": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:32]}
@@ -264,9 +265,11 @@ def _set_aside(path: Path, why: str) -> None:
     target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     try:
         os.rename(path, target)
-        logger.warning("Reference cache %s is damaged (%s): moved to %s; recomputing it.", path, why, target)
+        logger.warning("Reference cache %s is damaged (%s): moved to %s; its rows are recomputed.", path, why, target)
     except FileNotFoundError:  # another job set it aside first
-        logger.warning("Reference cache %s is damaged (%s) and was moved away meanwhile; recomputing it.", path, why)
+        logger.warning(
+            "Reference cache %s is damaged (%s) and was moved meanwhile; its rows are recomputed.", path, why
+        )
 
 
 def _read(path: Path, expected: dict, n_rows: int) -> np.ndarray | None:
@@ -472,8 +475,10 @@ def _compute(dataset, compute_fn, path, n_rows, recovered, accelerator, token_bu
     pair_tokens = _pair_tokens(dataset)
     todo = np.setdiff1d(np.arange(n_rows), done_rows)
     if len(done_rows):
-        logger.info("Reference log-probs: recovered %d rows from the shards of an earlier run in %s; computing the "
-                    "other %d on %d ranks", len(done_rows), path / "partial", len(todo), accelerator.num_processes)  # fmt: skip
+        logger.info(
+            "Reference log-probs: recovered %d rows from the shards of an earlier run in %s; computing the other %d "
+            "on %d ranks", len(done_rows), path / "partial", len(todo), accelerator.num_processes,
+        )  # fmt: skip
     else:
         logger.info("Reference log-probs: cache miss at %s; computing %d rows on %d ranks", path, n_rows,
                     accelerator.num_processes)  # fmt: skip

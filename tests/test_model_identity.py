@@ -98,6 +98,9 @@ def test_one_tensor_edit_changes_the_identity_and_moving_keeps_it(tmp_path):
     moved.parent.mkdir()
     shutil.copytree(model, moved)
     assert ref_cache.model_identity(str(moved), None, digest_dir=digests) == after
+    # Remote code is the forward of a trust_remote_code model: part of the identity too.
+    (moved / "modeling_toy.py").write_text("def forward(x):\n    return x\n")
+    assert ref_cache.model_identity(str(moved), None, digest_dir=digests) != after
 
 
 def test_file_digests_are_stored_and_reused_while_size_and_mtime_match(tmp_path, monkeypatch):
