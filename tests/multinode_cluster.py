@@ -21,10 +21,10 @@ Each slurmd starts through `nsenter --net=/run/netns/NAME`, not `ip netns exec`,
 (slurmd 22.05 then exits: "Unable to initialize cgroup plugin").
 """
 
+import contextlib
 import fcntl
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -60,8 +60,8 @@ def _free_subnet() -> int:
     raise RuntimeError(f"no free 10.213.X.0/24 subnet (ip -4 addr:\n{used})")
 
 
-def multinode_conf(single_node_conf: str, host: str, root: Path, subnet: int, nodes: list[str], cpus: int) -> str:
-    """tests/slurm_cluster.py's slurm.conf, with the controller on the bridge address and one NodeName per node.
+def multinode_conf(single_node_conf: str, controller: str, root: Path, nodes: dict[str, str], cpus: int) -> str:
+    """tests/slurm_cluster.py's slurm.conf with `SlurmctldHost=controller` and one NodeName per {node: address}.
 
     Both slurmd use the same SlurmdPort (each has a namespace of its own) and per-node spool, pid and log files (%n
     is the node name). Fails if the single-node conf stops naming a setting replaced here (it would be kept twice).
@@ -81,14 +81,14 @@ def multinode_conf(single_node_conf: str, host: str, root: Path, subnet: int, no
             f"tests/slurm_cluster.py's SLURM_CONF no longer sets {sorted(missing)}: update this fixture"
         )
     kept += [
-        f"SlurmctldHost={host}(10.213.{subnet}.1)",  # 127.0.0.1 is the namespace's own loopback there
+        f"SlurmctldHost={controller}",
         f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmdPidFile={root}/slurmd-%n.pid",
         f"SlurmdLogFile={root}/slurmd-%n.log",
     ]
-    for i, node in enumerate(nodes, start=1):
+    for node, address in nodes.items():
         kept.append(
-            f"NodeName={node} NodeAddr=10.213.{subnet}.{10 + i} CPUs={cpus} Sockets=1 CoresPerSocket={cpus} "
+            f"NodeName={node} NodeAddr={address} CPUs={cpus} Sockets=1 CoresPerSocket={cpus} "
             f"ThreadsPerCore=1 Gres=gpu:{FAKE_GPUS} State=UNKNOWN"
         )
     return "\n".join(kept) + "\n"
@@ -105,6 +105,7 @@ class MultiNodeCluster(SlurmCluster):
         self.subnet: int | None = None
         self._namespaces: list[str] = []
         self._veths: list[str] = []
+        self._bridge_made = False
         self._hosts_lines: list[str] = []
 
     def address(self, node: str) -> str:
@@ -137,7 +138,10 @@ class MultiNodeCluster(SlurmCluster):
             gpus=FAKE_GPUS,
             first_job_id=random.SystemRandom().randrange(100_000, 60_000_000),
         )
-        self.conf.write_text(multinode_conf(single_node, self.host, root, self.subnet, self.nodes, self.cpus))
+        # The bridge's address: 127.0.0.1 is each namespace's own loopback there.
+        controller = f"{self.host}(10.213.{self.subnet}.1)"
+        nodes = {node: self.address(node) for node in self.nodes}
+        self.conf.write_text(multinode_conf(single_node, controller, root, nodes, self.cpus))
         self._spawn(
             "munged",
             [
@@ -187,38 +191,26 @@ class MultiNodeCluster(SlurmCluster):
             _sh("ip", "-n", node, "link", "set", node_end, "up")
             _sh("ip", "-n", node, "link", "set", "lo", "up")
 
-    def _namespace_pids(self) -> list[int]:
-        """Processes whose network namespace is one of the nodes' (all of them ours: slurmd and what jobs left)."""
-        inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in self._namespaces if Path(f"/run/netns/{ns}").exists()}
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    if os.stat(proc / "ns" / "net").st_ino in inodes:
-                        pids.append(int(proc.name))
-                except OSError:  # gone meanwhile
-                    continue
-        return pids
-
-    def node_pids(self, node: str, pattern: str) -> list[int]:
-        """Pids of processes on `node` (its network namespace) whose command line matches the regex `pattern`."""
+    def node_processes(self, node: str) -> dict[int, tuple[int, str]]:
+        """{pid: (parent pid, command line)} of the processes on `node` (in its network namespace)."""
         inode = os.stat(f"/run/netns/{node}").st_ino
-        found = []
+        found = {}
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
                 try:
                     if os.stat(proc / "ns" / "net").st_ino != inode:
                         continue
-                    argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
+                    argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):  # gone meanwhile
                     continue
-                if re.search(pattern, argv):
-                    found.append(int(proc.name))
+                found[int(proc.name)] = (ppid, argv)
         return found
 
     def _kill_namespace_processes(self) -> None:
+        """SIGKILL what is still in the nodes' namespaces (all of it ours: what jobs and stopped daemons left)."""
         deadline = time.monotonic() + 10
-        while pids := self._namespace_pids():
+        while pids := [pid for node in self._namespaces for pid in self.node_processes(node)]:
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -233,7 +225,7 @@ class MultiNodeCluster(SlurmCluster):
             _sh("ip", "link", "del", self._veths.pop())
         while self._namespaces:
             _sh("ip", "netns", "del", self._namespaces.pop())
-        if getattr(self, "_bridge_made", False):
+        if self._bridge_made:
             _sh("ip", "link", "del", self.bridge)
             self._bridge_made = False
 
@@ -272,21 +264,15 @@ class MultiNodeCluster(SlurmCluster):
         return "\n".join(parts)
 
 
-class _locked_hosts:
+@contextlib.contextmanager
+def _locked_hosts():
     """/etc/hosts open for update under an exclusive lock (another test session may edit it at the same time)."""
-
-    def __enter__(self):
-        self.file = open(HOSTS_FILE, "r+")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self.file
-
-    def __exit__(self, *exc):
-        self.file.flush()
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+    with open(HOSTS_FILE, "r+") as hosts:
+        fcntl.flock(hosts, fcntl.LOCK_EX)  # released when the file closes
+        yield hosts
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its namespaces and daemons go as soon as the module's tests are done
 def multinode_cluster(tmp_path_factory):
     # Not skipped: CI runs as root with these tools. Anything missing fails here, with what to do.
     if os.geteuid() != 0:

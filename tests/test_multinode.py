@@ -17,6 +17,7 @@ CPU process per node (CPU_PROCESSES=1, the launcher's CPU fallback; the cluster'
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -35,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The demo's ~6 steps last a few seconds; what matters is that the signal and the kill land during training.
 TRAIN_ARGS = {"save_steps": 1000}  # no periodic checkpoint: the only one before the end is the preemption's
 FAIL_WITHIN_S = 90  # the kill test: from the kill to the job's end (gloo's own timeout would be 30 minutes)
-# torch elastic starts each worker as `python -u train_dpo.py ...`; the agent's command line is `accelerate launch`.
-WORKER = r"python\S* -u train_dpo\.py"
+# torch elastic's agent (`accelerate launch ...`) starts each worker as `python -u train_dpo.py ...`; the worker's own
+# children (data loading) have its command line too.
+AGENT, WORKER = "accelerate launch", r"python\S* -u train_dpo\.py"
 
 
 def step_log(output_dir: Path) -> list[dict]:
@@ -49,10 +51,10 @@ def drop_num_tokens(entries: list[dict]) -> list[dict]:
     return [{key: value for key, value in entry.items() if key != "num_tokens"} for entry in entries]
 
 
-def submit_two_node_job(cluster, output_dir: Path):
+def submit_two_node_job(cluster, assets: dict, output_dir: Path):
     proc = sbatch(
         cluster, "--nodes=2", "--export=ALL,CPU_PROCESSES=1",
-        "scripts/dpo_train.sh", *demo_overrides(cluster.assets, output_dir, **TRAIN_ARGS),
+        "scripts/dpo_train.sh", *demo_overrides(assets, output_dir, **TRAIN_ARGS),
     )  # fmt: skip
     return proc, job_id_of(proc)
 
@@ -66,12 +68,6 @@ def wait_for_training(proc, job_id: str, timeout: float = 300) -> Path:
         )
         time.sleep(0.25)
     return log_path
-
-
-@pytest.fixture(scope="module")
-def cluster(multinode_cluster, demo_assets):  # noqa: F811
-    multinode_cluster.assets = demo_assets
-    return multinode_cluster
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +85,15 @@ def one_node_run(demo_assets, tmp_path_factory):
     return output_dir
 
 
-def test_two_node_job_matches_one_node_and_resumes_after_usr1(cluster, one_node_run, tmp_path):
+def test_two_node_job_matches_one_node_and_resumes_after_usr1(
+    multinode_cluster,  # noqa: F811
+    demo_assets,
+    one_node_run,
+    tmp_path,
+):
+    cluster = multinode_cluster
     output_dir = tmp_path / "two-node"
-    proc, job_id = submit_two_node_job(cluster, output_dir)
+    proc, job_id = submit_two_node_job(cluster, demo_assets, output_dir)
     wait_for_training(proc, job_id)
     cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     cluster.release_requeued(job_id)
@@ -129,12 +131,18 @@ def test_two_node_job_matches_one_node_and_resumes_after_usr1(cluster, one_node_
         assert torch.equal(resumed[name], tensor), f"{name} differs from the 1-node run"
 
 
-def test_a_killed_node_fails_the_whole_job_without_requeue(cluster, tmp_path):
-    proc, job_id = submit_two_node_job(cluster, tmp_path / "killed")
+def test_a_killed_node_fails_the_whole_job_without_requeue(multinode_cluster, demo_assets, tmp_path):  # noqa: F811
+    cluster = multinode_cluster
+    proc, job_id = submit_two_node_job(cluster, demo_assets, tmp_path / "killed")
     wait_for_training(proc, job_id)
     second = cluster.nodes[1]
-    workers = cluster.node_pids(second, WORKER)
-    assert len(workers) == 1, f"training processes on {second}: {workers}"
+    processes = cluster.node_processes(second)
+    workers = [
+        pid
+        for pid, (ppid, argv) in processes.items()
+        if re.search(WORKER, argv) and ppid in processes and AGENT in processes[ppid][1]
+    ]
+    assert len(workers) == 1, f"no single training process on {second}: {processes}"
     os.kill(workers[0], signal.SIGKILL)
     killed_at = time.monotonic()
     rc, log = finish(proc, job_id)
