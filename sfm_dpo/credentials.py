@@ -3,9 +3,13 @@ its push. No secret value is ever logged: `redact` scrubs them from anything we 
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 from dotenv import load_dotenv
+
+from .run_status import MODEL_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +102,17 @@ def check_hub_access(hub_model_id: str) -> None:
     logger.info("Hub write access to %s checked.", hub_model_id)
 
 
+# What the push uploads, and nothing else: the model and tokenizer (sfm_dpo.run_status.MODEL_FILES), the model card
+# and the summaries. An allow-list: the folder also holds training_args.bin, run_config.yaml, the reference log-prob
+# cache (host names, absolute paths), checkpoints and logs, and whatever a later change writes there.
+PUSHED_FILES = (*MODEL_FILES, "README.md", "run_summary.json", "data_report.json")
+NOT_PUSHED = ("*/**",)  # top level only: fnmatch's '*' crosses '/', so checkpoint-N/model.safetensors would match
+
+
 def push_final_model(output_dir: str, hub_model_id: str, private: bool | None) -> str:
-    """Uploads the final model folder (not the checkpoints) once training is done. We push ourselves rather than
-    through `Trainer(push_to_hub=True)`, which creates the repo in `Trainer.__init__` (crashing runs on compute nodes
-    that cannot reach the Hub) and uploads every checkpoint (tens of GB each for a 7B model)."""
+    """Uploads the final model folder's PUSHED_FILES (top level only) once training is done. We push ourselves rather
+    than through `Trainer(push_to_hub=True)`, which creates the repo in `Trainer.__init__` (crashing runs on compute
+    nodes that cannot reach the Hub) and uploads every checkpoint (tens of GB each for a 7B model)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=hub_token())
@@ -109,7 +120,29 @@ def push_final_model(output_dir: str, hub_model_id: str, private: bool | None) -
     commit = api.upload_folder(
         repo_id=hub_model_id,
         folder_path=output_dir,
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "runs/**", "wandb/**"],
+        allow_patterns=list(PUSHED_FILES),
+        ignore_patterns=list(NOT_PUSHED),
         commit_message="DPO training finished",
     )
     return str(commit)
+
+
+TOKEN_ARGUMENTS = ("--hub_token",)
+_TOKEN_LOOKALIKE = re.compile(r"hf_[A-Za-z0-9]{30,}")  # a Hub token: hf_ + 34 characters
+
+
+def refuse_token_arguments(argv: list[str]) -> None:
+    """Exits (code 2) when the command line holds a token: `--hub_token`, or any argument shaped like a Hub token.
+    Called before parsing, so that not even a parse error echoes it; the value is never printed. A token there is
+    in every process listing of the node and in Slurm's job record, and the Trainer would pickle it into
+    training_args.bin in every checkpoint and in the pushed folder."""
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if name in TOKEN_ARGUMENTS or _TOKEN_LOOKALIKE.search(arg):
+            what = name if name.startswith("--") and name in TOKEN_ARGUMENTS else f"argument {i + 1}"
+            sys.stderr.write(
+                f"ERROR: {what} on the command line looks like a secret token; refused (it would show in process "
+                "listings, logs and saved files). Put HF_TOKEN=... in .env (see .env.example) and launch without it; "
+                "revoke the token if this command was logged somewhere.\n"
+            )
+            raise SystemExit(2)

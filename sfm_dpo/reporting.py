@@ -38,13 +38,37 @@ def run_summary(trainer, train_result, output_dir: str) -> dict:
     }
 
 
+def summary_from_checkpoint(checkpoint: str, output_dir: str) -> dict:
+    """The summary of a run whose training ended in an earlier launch that did not get to its final save (preempted at
+    the last step, killed while saving): from the final checkpoint's trainer_state.json. That launch's speed and
+    engine are not recorded there, so they are None."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    history = state.get("log_history", [])
+    return {
+        "global_step": state["global_step"],
+        "max_steps": state.get("max_steps"),
+        "world_size": None,
+        "deepspeed_zero_stage": None,
+        "train_samples_per_second": None,
+        "train_runtime_s": None,
+        "first_and_last": {k: pair for k in WATCHED if (pair := first_and_last(history, k))},
+        "held_out_pairs": None,
+        "held_out": {k: pair for k in WATCHED_EVAL if (pair := first_and_last(history, k))},
+        "output_dir": str(output_dir),
+        "final_model_from": str(checkpoint),
+    }
+
+
 def summary_text(summary: dict) -> str:
     stage = summary["deepspeed_zero_stage"]
+    if summary.get("final_model_from"):
+        engine = f"training ended in an earlier launch; final model from {summary['final_model_from']}"
+    else:
+        engine = f"{summary['world_size']}, " + (f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed")
     lines = [
         "Training finished.",
         f"  steps: {summary['global_step']} of {summary['max_steps']}",
-        f"  processes: {summary['world_size']}, "
-        + (f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed"),
+        f"  processes: {engine}",
         f"  samples/s: {summary['train_samples_per_second']}, runtime: {summary['train_runtime_s']} s",
     ]
     for key, (first, last) in summary["first_and_last"].items():

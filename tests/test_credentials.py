@@ -2,11 +2,20 @@
 must hold the checkpoints."""
 
 import logging
+import shutil
 
 import pytest
 
-from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, redact
-from sfm_dpo.preflight import check_disk_space, checkpoint_bytes, dump_config
+from sfm_dpo.credentials import (
+    NOT_PUSHED,
+    PUSHED_FILES,
+    check_hub_access,
+    configure_wandb,
+    load_secrets,
+    redact,
+    refuse_token_arguments,
+)
+from sfm_dpo.preflight import check_disk_space, checkpoint_bytes, count_parameters, dump_config
 
 
 @pytest.fixture
@@ -64,9 +73,71 @@ def test_secrets_are_redacted_from_the_config_dump(clean_env):
 
 def test_disk_check_refuses_a_run_that_cannot_save(tmp_path):
     with pytest.raises(
-        OSError, match=r"GiB free but this run needs about .* checkpoints of .* GiB \(68600\.00B parameters\)"
+        OSError,
+        match=r"GiB free but this run needs about .* more: 3 checkpoints of .* GiB \(68600\.00B parameters x 16",
     ):
         check_disk_space(str(tmp_path), n_params=6_860_000_000 * 10_000, save_total_limit=2, save_only_model=False)
     check_disk_space(str(tmp_path), n_params=1000, save_total_limit=2, save_only_model=False)
-    # ZeRO-2 + bf16: 2 bytes of weights + 12 of fp32 master weights and Adam moments per parameter.
-    assert checkpoint_bytes(7_000_000_000, save_only_model=False) == 98_000_000_000
+    # ZeRO-2 + bf16, as measured (sfm_dpo/preflight.py): 2 + 2 bytes of bf16 weights, 12 of fp32 master weights and
+    # Adam moments per parameter.
+    assert checkpoint_bytes(7_000_000_000, save_only_model=False) == 112_000_000_000
+    assert checkpoint_bytes(7_000_000_000, save_only_model=True) == 14_000_000_000
+
+
+def test_disk_check_credits_the_checkpoints_already_there(tmp_path):
+    """A requeued job's own checkpoints are replaced by its next saves: they count as available, or a run that fit
+    at its start is refused at its requeue. Sparse files stand for the checkpoints (their size, no disk used)."""
+    free = shutil.disk_usage(tmp_path).free
+    n_params = int(free / (3 * 16 + 2) * 1.25)  # 2 kept + 1 being written, plus the final model: 25% over what's free
+    with pytest.raises(OSError, match="GiB free but this run needs"):
+        check_disk_space(str(tmp_path), n_params, save_total_limit=2, save_only_model=False)
+    for step in (100, 200):
+        shard = tmp_path / f"checkpoint-{step}" / "global_step" / "optim_states.pt"
+        shard.parent.mkdir(parents=True)
+        with open(shard, "wb") as f:
+            f.truncate(16 * n_params)
+    check_disk_space(str(tmp_path), n_params, save_total_limit=2, save_only_model=False)
+
+
+def test_parameter_count_comes_from_the_config_alone(demo_assets):
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(demo_assets["model"])
+    assert count_parameters(str(demo_assets["model"])) == sum(p.numel() for p in loaded.parameters()) > 10_000
+
+
+TOKEN = "hf_" + "A1b2C3d4E5" * 3 + "xyzw"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--hub_token", TOKEN], [f"--hub_token={TOKEN}"], ["--hub_model_id", TOKEN], ["--learning_rate", "1e-6", TOKEN]],
+)
+def test_a_token_on_the_command_line_is_refused_unprinted(argv, capsys):
+    with pytest.raises(SystemExit) as refused:
+        refuse_token_arguments(["--config", "configs/think.yaml", *argv])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "Put HF_TOKEN=... in .env" in err and TOKEN not in err
+    refuse_token_arguments(["--config", "configs/think.yaml", "--hub_model_id", "org/name-DPO"])  # no token: passes
+
+
+def test_the_push_uploads_the_model_tokenizer_card_and_summaries_only():
+    """The output folder of a real run (2-process ZeRO-2, tests/test_train_e2e.py), through huggingface_hub's own
+    filter, the one upload_folder applies."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = [
+        "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
+        "model.safetensors", "run_config.yaml", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
+        "trainer_state.json", "training_args.bin", "run_identity.json", "run_status.json", "run.lock",
+        "run_owner.json", "eval_split.json", "ref_logps/f7019d94/meta.json", "ref_logps/f7019d94/ref_logps.npy",
+        "checkpoint-1/COMPLETE", "checkpoint-1/model.safetensors", "checkpoint-1/config.json",
+        "checkpoint-1/global_step1/mp_rank_00_model_states.pt", "checkpoint-1/training_args.bin",
+        "checkpoint-1/tokenizer.json", "wandb/run-1/files/config.yaml", "runs/events.out",
+    ]  # fmt: skip
+    pushed = set(filter_repo_objects(folder, allow_patterns=list(PUSHED_FILES), ignore_patterns=list(NOT_PUSHED)))
+    assert pushed == {
+        "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
+        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
+    }  # fmt: skip
