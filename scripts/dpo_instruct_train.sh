@@ -15,6 +15,9 @@
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
+# Slurm's SIGUSR1 may come even now: note it for launch.sh, which acts on it (exec resets a trapped signal to its
+# default action; do not ignore it here instead: bash cannot trap a signal that was ignored when it started).
+trap 'export SFM_PREEMPT_PENDING=1' USR1
 set -euo pipefail
 # Slurm runs a copy of this file from its spool folder: find the repo through the submit directory.
 REPO=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}

@@ -5,11 +5,15 @@ set -euo pipefail
 
 slurm_version() { dpkg-query -W -f='${Version}' slurm-client 2>/dev/null || echo "version unknown"; }
 
-needed=(munged mungekey slurmctld slurmd sbatch scontrol squeue)
-missing=()
-for tool in "${needed[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
-done
+# Every tool the tests call (tests/slurm_cluster.py DAEMONS).
+needed=(munged mungekey slurmctld slurmd sbatch salloc srun scontrol squeue scancel sinfo)
+find_missing() {
+    missing=()
+    for tool in "${needed[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
+    done
+}
+find_missing
 if ((${#missing[@]} == 0)); then
     echo "install_slurm: Slurm and munge already installed ($(slurm_version))"
     exit 0
@@ -21,4 +25,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # The image's policy-rc.d keeps the package scripts from starting the services; the tests start their own.
 apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client >/dev/null
+find_missing
+if ((${#missing[@]})); then
+    echo "install_slurm: ERROR: still missing after the install: ${missing[*]} (Slurm $(slurm_version))" >&2
+    exit 1
+fi
 echo "install_slurm: Slurm $(slurm_version) installed"

@@ -11,13 +11,27 @@
 # path; default "default"), VENV (virtualenv to activate; default .venv; "none" to keep the current environment),
 # GPUS_PER_NODE (override the GPU count), CPU_PROCESSES (processes of the CPU fallback, default 2), MASTER_PORT,
 # OUTPUT_ROOT (a big filesystem: outputs/ becomes a link to it), SFM_CUDA_DEVICES (skip probing, trust this count),
-# PREEMPT_RESEND_S (how often a pending SIGUSR1 is re-sent to workers that may not handle it yet; default 30).
+# PREEMPT_RESEND_S (how often a pending SIGUSR1 is re-sent to workers that may not handle it yet; default 30),
+# SFM_REQUEUE_BACKOFF_S (the waits between tries of a failing `scontrol requeue`; default "5 10 20 40").
+#
+# .env is read with python-dotenv's rules (sfm_dpo/launcher.py), as train_dpo.py reads it: it never overrides a
+# variable already set, and no value is printed. A token on the command line (--hub_token) is refused: HF_TOKEN
+# belongs in .env.
 #
 # Preemption: Slurm sends SIGUSR1 to this shell (`--signal=B:USR1@300`, `scancel --signal=USR1 --batch`). We forward
 # it through srun to `launch.sh --node-task` on every node, which sends it to the training processes (the children
 # of `accelerate launch`; the launcher itself ignores it, since by default it would die of it). Training saves a
 # complete checkpoint and rank 0 writes $SFM_REQUEUE_MARKER (sfm_dpo/preemption.py); seeing that file we run
-# `scontrol requeue` and exit 0. The requeued job runs the same command, so train_dpo.py resumes in the same output_dir.
+# `scontrol requeue` (retried) and exit 0. The requeued job runs the same command, so train_dpo.py resumes in the same
+# output_dir. A signal during our start-up ends in a requeue without starting training. An interactive allocation
+# (salloc, srun) is never requeued: it exits 75 like a local run ("run the same command again").
+# The summary at the end says DONE only if training exited 0 AND wrote <output_dir>/run_status.json saying "done".
+
+# First act, for the batch shell and the node task alike: note a SIGUSR1 (by default it would kill us). The handlers
+# that act on it come later; the wrappers pass on one they got before exec'ing us as SFM_PREEMPT_PENDING=1.
+PREEMPT_PENDING=${SFM_PREEMPT_PENDING:-0}
+trap 'PREEMPT_PENDING=1' USR1
+unset SFM_PREEMPT_PENDING
 set -euo pipefail
 
 # The whole script is one { ... } block, parsed before it runs: a job runs for hours, and bash reads a plain script
@@ -46,18 +60,29 @@ node_task() {
     fi
     # The agent (accelerate launch -> torch elastic) must ignore SIGUSR1, which would kill it: whether srun signals
     # the task's process group (proctrack/pgid) or the whole step cgroup, it reaches the agent. Its workers inherit
-    # the "ignore" until PreemptionCallback installs a handler, so a pending request is re-sent every 30 s.
-    (
-        trap '' USR1
-        eval "exec $cmd"
-    ) &
-    local agent=$! pending=0 last_sent=0
+    # the "ignore" until PreemptionCallback installs a handler, so a pending request is re-sent every 30 s (a
+    # signal before the agent started counts: the start-up trap noted it). Our handler is in place before the agent
+    # starts; the agent's subshell then writes our "ready" file for the batch level, which forwards a signal to us
+    # only once every node's file exists: srun, and this script, die of a SIGUSR1 that comes before their handlers.
+    local agent='' pending=$PREEMPT_PENDING last_sent=-1000000
     signal_workers() {
         # The workers run in their own sessions (torch elastic's start_new_session), so they are named by parent.
-        pkill -USR1 -P "$agent" || true
+        [[ -z "$agent" ]] || pkill -USR1 -P "$agent" || true
         last_sent=$SECONDS
     }
-    trap 'pending=1; signal_workers' USR1
+    # shellcheck disable=SC2317,SC2329  # invoked by the trap
+    on_node_usr1() {
+        ((pending)) && return # already passing it on (and re-sending): one request, one save
+        pending=1
+        signal_workers
+    }
+    trap on_node_usr1 USR1
+    (
+        trap '' USR1
+        [[ -z "${SFM_REQUEUE_MARKER:-}" ]] || touch "$SFM_REQUEUE_MARKER.ready-${SLURM_NODEID:-0}"
+        eval "exec $cmd"
+    ) &
+    agent=$!
     while kill -0 "$agent" 2>/dev/null; do
         sleep 2 &
         wait $! || true
@@ -75,6 +100,21 @@ if [[ "${1:-}" == "--node-task" ]]; then
 fi
 
 # ---- Batch level ----
+# A token on the command line is in every process listing of the node, in Slurm's job record, and would be in our
+# header and errors: refuse it before anything prints the arguments, without printing it.
+for arg in "$@"; do
+    what=
+    [[ "$arg" =~ ^--hub[_-]token(=|$) ]] && what="--hub_token"
+    [[ "$arg" =~ (^|=)hf_[A-Za-z0-9]{30,}$ ]] && what="an argument that looks like a Hub token, hf_..."
+    if [[ -n "$what" ]]; then
+        echo "[launch] ERROR: a Hub token was given on the command line ($what), where every user of" \
+            "the node can read it (ps) and Slurm keeps it in the job record. Nothing was launched. Put it in .env" \
+            "instead (HF_TOKEN=..., then chmod 600 .env; see .env.example), submit again without it, and consider" \
+            "this token exposed: replace it at https://huggingface.co/settings/tokens." >&2
+        exit 2
+    fi
+done
+
 if [[ "${1:-}" == "--dry-run" ]]; then
     DRY_RUN=1
     shift
@@ -86,13 +126,27 @@ shift
 [[ -f "$REPO/configs/$RECIPE.yaml" ]] || die "no recipe configs/$RECIPE.yaml (have: $recipes)"
 cd "$REPO"
 
+# .env may name VENV itself, so it is read before any virtualenv is active: by the first python that has
+# python-dotenv among VENV's (from the environment), the repo's .venv, and the one on PATH.
+dotenv_python() {
+    local py
+    for py in ${VENV:+"$VENV/bin/python"} "$REPO/.venv/bin/python" python3 python; do
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import dotenv' 2>/dev/null; then
+            echo "$py"
+            return 0
+        fi
+    done
+    return 1
+}
 if [[ -f .env ]]; then
-    # Secrets stay in the environment; never echo them.
-    set -a
-    # shellcheck disable=SC1091
-    source .env
-    set +a
-    log "loaded .env"
+    dotenv_py=$(dotenv_python) ||
+        die "cannot read .env: no python with python-dotenv (tried ${VENV:+$VENV/bin/python, }$REPO/.venv/bin/python, python3, python on PATH); set VENV=/path/to/your/virtualenv or pip install python-dotenv"
+    DOTENV_SET='' DOTENV_KEPT=''
+    # Prints `export KEY='value'` for the keys not set yet (shell-quoted, so eval runs no value) and the two lists.
+    dotenv_exports=$("$dotenv_py" -m sfm_dpo.launcher dotenv .env) || die "could not read .env (error above)"
+    eval "$dotenv_exports"
+    unset dotenv_exports
+    log "loaded .env (values not shown): set ${DOTENV_SET:-nothing}${DOTENV_KEPT:+; kept from the environment: $DOTENV_KEPT}"
 fi
 
 SITE_PROFILE=${SITE_PROFILE:-default}
@@ -204,12 +258,43 @@ if [[ "$DEVICE" == CPU && "$(sed -n 2p <<<"$probe")" != 1 ]]; then
     die "no usable GPU here, and configs/$RECIPE.yaml trains on GPUs (use_cpu false): run on a GPU node, or pass --use_cpu true --bf16 false (as configs/demo.yaml does)"
 fi
 
+# What a preemption ends in. Only a batch job can be requeued: an interactive allocation (salloc, or srun outside
+# one) has no batch script for Slurm to run again, so it exits like a local run.
+REQUEUE=0
+ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE (not under Slurm): run the same command again"
+slurm_requeue_mode() {
+    local info
+    if ! info=$(scontrol show job -o "$SLURM_JOB_ID" 2>&1); then
+        # slurmctld unreachable: sbatch's batch step sets ENVIRONMENT=BATCH; salloc and srun do not.
+        [[ "${ENVIRONMENT:-}" == BATCH ]] && REQUEUE=1
+        log "WARNING: scontrol show job $SLURM_JOB_ID failed ($info): ENVIRONMENT=${ENVIRONMENT:-unset}, so taking it for $( ((REQUEUE)) && echo a batch job || echo an interactive allocation)"
+    elif [[ " $info " == *" BatchFlag=0 "* ]]; then
+        ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: an interactive allocation (salloc/srun, BatchFlag=0) is never requeued; run the same command again"
+        return
+    elif [[ " $info " == *" Requeue=0 "* ]]; then
+        ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: Slurm may not requeue this job (Requeue=0: --no-requeue, or JobRequeue=0 on this cluster); resubmit it"
+        return
+    else
+        REQUEUE=1
+    fi
+    ((REQUEUE)) && ON_PREEMPTION="checkpoint, then scontrol requeue $SLURM_JOB_ID (a batch job)"
+    ((REQUEUE)) || ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: run the same command again"
+}
+if ((UNDER_SLURM)); then
+    if [[ "$DRY_RUN" == 1 ]]; then
+        ON_PREEMPTION="(a dry run does not ask Slurm whether job $SLURM_JOB_ID is a batch job)"
+    else
+        slurm_requeue_mode
+    fi
+fi
+
 export SFM_REQUEUE_MARKER="$REPO/logs/.requeue-${SLURM_JOB_ID:-local-$$}"
 # Packed micro-batches change shape every step and the reference pass frees its buffers before DeepSpeed allocates
 # its own: without expandable segments the 6.86B shape on 2 H100s died asking for 12.8 GiB with 12.8 GiB reserved but
 # unallocated (bench/results/20261125-zero2_*).
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-rm -f "$SFM_REQUEUE_MARKER" # a requeued job has the same id: only this run's marker counts
+# A requeued job has the same id: only this run's marker and node "ready" files count.
+rm -f "$SFM_REQUEUE_MARKER" "$SFM_REQUEUE_MARKER".ready-*
 
 train_args=""
 (($#)) && train_args=$(printf ' %q' "$@") # with no argument printf would still print ''
@@ -243,6 +328,7 @@ cat <<EOF
  recipe     configs/$RECIPE.yaml$train_args
  output_dir $OUTPUT_DIR
  site       $site_file   python $(command -v python)
+ on USR1    $ON_PREEMPTION
 ================================================================================
 EOF
 
@@ -258,32 +344,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     exit 0
 fi
 
-PREEMPTED_AT=
-# shellcheck disable=SC2317,SC2329  # invoked by the trap (the code differs between shellcheck versions)
-forward_preemption() {
-    PREEMPTED_AT=$(date +%H:%M:%S)
-    log "SIGUSR1: asking training to save a checkpoint at the next step and stop"
-    kill -USR1 "$child" 2>/dev/null || true
-}
-trap forward_preemption USR1
-
-start=$SECONDS
-"${RUN[@]}" &
-child=$!
-rc=0
-while :; do
-    rc=0
-    wait "$child" || rc=$?
-    kill -0 "$child" 2>/dev/null || break # else wait was interrupted by the trap: keep waiting
-done
-trap - USR1
-elapsed=$((SECONDS - start))
-
-steps=$(python -c 'import json, sys
-try:
-    print(json.load(open(sys.argv[1]))["global_step"])
-except (OSError, ValueError, KeyError):
-    print("?")' "$OUTPUT_DIR/trainer_state.json")
+rc=- elapsed=0 steps=- PREEMPTED_AT=
 summary() {
     cat <<EOF
 ================================================================================
@@ -295,21 +356,117 @@ summary() {
 EOF
 }
 
-if [[ -f "$SFM_REQUEUE_MARKER" ]]; then
-    step=$(cat "$SFM_REQUEUE_MARKER")
-    rm -f "$SFM_REQUEUE_MARKER"
-    if ((UNDER_SLURM)); then
-        summary "PREEMPTED: checkpoint at step $step saved; requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+# `scontrol requeue`, retried: slurmctld times out under load, and a job that is not requeued is lost. A try that
+# timed out may still have requeued the job, so each retry first looks at the job's restart count.
+requeue_job() {
+    local waits
+    read -r -a waits <<<"${SFM_REQUEUE_BACKOFF_S:-5 10 20 40}"
+    local tries=$((${#waits[@]} + 1)) try error restarts
+    for ((try = 1; try <= tries; try++)); do
+        if error=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+            log "scontrol requeue $SLURM_JOB_ID: done (try $try of $tries)"
+            return 0
+        fi
+        log "WARNING: scontrol requeue $SLURM_JOB_ID failed (try $try of $tries): ${error//$'\n'/ }"
+        ((try < tries)) || break
+        sleep "${waits[try - 1]}"
+        restarts=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2) || true
+        if [[ -n "$restarts" ]] && ((restarts > ${SLURM_RESTART_COUNT:-0})); then
+            log "job $SLURM_JOB_ID was requeued after all (Restarts=$restarts)"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# A preemption: requeue (a batch job) or exit 75 (local, interactive); nothing is lost either way. $1 says what is saved.
+end_preempted() {
+    if ((REQUEUE)); then
+        summary "PREEMPTED: $1; requeueing job $SLURM_JOB_ID"
+        requeue_job && exit 0
+        echo "[launch] ERROR: job $SLURM_JOB_ID was preempted but could NOT be requeued (scontrol requeue failed" \
+            "every time, errors above). Nothing is lost ($1): submit the same command again to resume in" \
+            "$OUTPUT_DIR." >&2
+        exit "$REQUEUE_EXIT_CODE"
     fi
-    summary "PREEMPTED: checkpoint at step $step saved; run the same command again to resume"
+    summary "PREEMPTED: $1; run the same command again to resume (exit $REQUEUE_EXIT_CODE)"
     exit "$REQUEUE_EXIT_CODE"
+}
+
+# From here one SIGUSR1 is passed on once, when every node task has its handler (their "ready" files): srun, and a
+# node task that is still starting, would die of it. More signals change nothing (one request, one save).
+child=
+forwarded=0
+# shellcheck disable=SC2317,SC2329  # invoked by the trap (the code differs between shellcheck versions)
+forward_when_ready() {
+    [[ -n "$PREEMPTED_AT" && -n "$child" ]] && ((!forwarded)) || return 0
+    local node
+    for ((node = 0; node < NNODES; node++)); do
+        [[ -e "$SFM_REQUEUE_MARKER.ready-$node" ]] || return 0
+    done
+    kill -USR1 "$child" 2>/dev/null || true
+    forwarded=1
+}
+# shellcheck disable=SC2317,SC2329
+on_usr1() {
+    if [[ -n "$PREEMPTED_AT" ]]; then
+        log "SIGUSR1 again: already asked at $PREEMPTED_AT; not asking twice"
+        return
+    fi
+    PREEMPTED_AT=$(date +%H:%M:%S)
+    log "SIGUSR1: asking training to save a checkpoint at the next step and stop"
+    forward_when_ready
+}
+trap on_usr1 USR1
+if ((PREEMPT_PENDING)); then
+    PREEMPTED_AT="start-up"
+    log "SIGUSR1 during start-up: not starting training"
+    end_preempted "before training started, nothing to save"
 fi
-if ((rc != 0)); then
-    summary "FAILED: training exited with $rc (the error is above${SLURM_JOB_ID:+, in logs/${SLURM_JOB_NAME:-}-$SLURM_JOB_ID.out})"
-    exit "$rc"
+
+status_file="$OUTPUT_DIR/run_status.json"
+status_before=$(python -m sfm_dpo.launcher fingerprint "$status_file")
+start=$SECONDS
+"${RUN[@]}" &
+child=$!
+while kill -0 "$child" 2>/dev/null; do
+    forward_when_ready
+    sleep 1 &
+    wait $! || true
+done
+rc=0
+wait "$child" || rc=$?
+# Still trapped: a late SIGUSR1 (during the requeue's retries) must not kill us.
+trap 'log "SIGUSR1 after training ended: nothing to pass on"' USR1
+elapsed=$((SECONDS - start))
+rm -f "$SFM_REQUEUE_MARKER".ready-*
+
+steps=$(python -c 'import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["global_step"])
+except (OSError, ValueError, KeyError):
+    print("?")' "$OUTPUT_DIR/trainer_state.json")
+
+if [[ -f "$SFM_REQUEUE_MARKER" ]]; then
+    saved=$(head -c 300 "$SFM_REQUEUE_MARKER")
+    rm -f "$SFM_REQUEUE_MARKER"
+    # rank 0 writes the step of the checkpoint, or why nothing needed saving (sfm_dpo/preemption.py)
+    [[ "$saved" =~ ^[0-9]+$ ]] && saved="checkpoint at step $saved saved"
+    end_preempted "$saved"
 fi
-summary "DONE: model saved to $OUTPUT_DIR"
-exit 0
+# The verdict comes from run_status.json (see sfm_dpo/launcher.py), never from the exit code alone.
+outcome=$(python -m sfm_dpo.launcher outcome "$OUTPUT_DIR" "$rc" "$status_before") ||
+    outcome=$'failed\nFAILED: could not read the run status (error above)'
+verdict=$(sed -n 1p <<<"$outcome")
+line=$(sed -n 2p <<<"$outcome")
+case $verdict in
+    done)
+        summary "$line"
+        exit 0
+        ;;
+    preempted) end_preempted "${line#PREEMPTED }" ;;
+esac
+summary "$line (the error is above${SLURM_JOB_ID:+, in logs/${SLURM_JOB_NAME:-}-$SLURM_JOB_ID.out})"
+((rc != 0)) || rc=1
+exit "$rc"
 }

@@ -7,6 +7,9 @@ links to /dev/null (`Count=N Flags=CountOnly` drains the node in 22.05). Jobs se
 CUDA_VISIBLE_DEVICES=0,1,2,3 but torch sees no GPU, so the launcher takes its CPU path.
 
 Only the processes started here are stopped, by their pids; jobs still running are cancelled first.
+
+Where the cluster cannot run, the tests that need it fail, naming why: in CI (CI set) and as root, who can run it,
+always; a developer without root gets a skip that says the Slurm tests did not run.
 """
 
 import os
@@ -16,10 +19,23 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+DAEMONS = (
+    "munged",
+    "mungekey",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "salloc",
+    "srun",
+    "scontrol",
+    "squeue",
+    "scancel",
+    "sinfo",
+)
 FAKE_GPUS = 4
 # The CPU layout stated as `slurmd -C` reports it; a mismatch drains the node.
 SLURM_CONF = """\
@@ -194,13 +210,22 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
+def cluster_unavailable(reason: str) -> NoReturn:
+    """Fails (CI, or root, who could run the cluster) or, for a developer without root, skips, loudly."""
+    if os.environ.get("CI") or os.geteuid() == 0:
+        pytest.fail(
+            f"the Slurm test cluster cannot run: {reason} (CI={os.environ.get('CI', 'unset')}, uid {os.geteuid()})"
+        )
+    pytest.skip(f"SLURM TESTS NOT RUN: {reason}; run them as root (CI does, and fails where they cannot run)")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("the Slurm test cluster runs its daemons as root")
+        cluster_unavailable("its daemons run as root")
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if missing:
-        pytest.fail(f"Slurm/munge not installed (missing {missing}): run scripts/install_slurm.sh")
+        cluster_unavailable(f"Slurm/munge not installed (missing {missing}): run `bash scripts/install_slurm.sh`")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()

@@ -1,6 +1,7 @@
 """scripts/launch.sh: the command lines it builds (dry run, faked Slurm allocations of 2 and 4 nodes), its errors,
 the per-node supervisor's signal forwarding (a real `accelerate launch` of 2 processes), and the thin wrappers."""
 
+import json
 import os
 import re
 import shlex
@@ -197,3 +198,164 @@ def test_node_task_forwards_usr1_to_workers_and_survives(tmp_path):
     assert proc.returncode == 0, out
     assert (tmp_path / "rank0").read_text() == "USR1" and (tmp_path / "rank1").read_text() == "USR1", out
     assert "ChildFailedError" not in out
+
+
+# ---- .env, tokens, a signal at start-up, the end-of-run verdict ----
+
+SECRET = "hf_" + "Zq7" * 12  # shaped like a Hub token
+
+
+@pytest.fixture
+def sandbox(tmp_path) -> Path:
+    """The repo's layout around the real launcher, all links to the checkout, so that a test can give it its own .env
+    (and no .venv) without touching the checkout's."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for entry in REPO.iterdir():
+        if entry.name not in {".env", ".venv", ".git", "logs", "outputs", "scripts"}:
+            (root / entry.name).symlink_to(entry)
+    for entry in (REPO / "scripts").iterdir():
+        (root / "scripts" / entry.name).symlink_to(entry)
+    return root
+
+
+def test_dotenv_follows_python_dotenv_and_never_overrides_the_caller(sandbox, tmp_path):
+    """Values with spaces, `$`, backticks and `${VAR}` come through as python-dotenv reads them (as train_dpo.py does);
+    a variable the caller set wins; .env may name VENV and SITE_PROFILE; a token in a file others can read warns, and
+    no value is printed."""
+    seen = tmp_path / "seen"
+    site = tmp_path / "site.sh"  # a site profile is sourced after .env: it sees what the launcher exported
+    site.write_text(f'printf "%s\\n" "$WANDB_NOTES" "$WANDB_PROJECT" "$SFM_T_PATH" "$HF_TOKEN" > {seen}\n')
+    venv = Path(sys.executable).parents[1]
+    env_file = sandbox / ".env"
+    env_file.write_text(
+        "WANDB_NOTES=lr sweep $5 `id` $(id)  # unquoted: a comment after two spaces\n"
+        "WANDB_PROJECT=from-dotenv\n"
+        'SFM_T_PATH="${SFM_T_BASE}/with space"\n'
+        f"SITE_PROFILE={site}\n"
+        f"VENV={venv}\n"
+        f"HF_TOKEN={SECRET}\n"
+    )
+    env_file.chmod(0o644)
+    env = _env(WANDB_PROJECT="from-shell", SFM_T_BASE="/base")
+    del env["VENV"]  # named by .env alone
+    env.pop("SITE_PROFILE", None)
+    result = subprocess.run(
+        ["bash", str(sandbox / "scripts" / "launch.sh"), "--dry-run", "demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seen.read_text().splitlines() == ["lr sweep $5 `id` $(id)", "from-shell", "/base/with space", SECRET]
+    assert f" site       {site}   python {venv.resolve()}/bin/python" in result.stdout  # the activated venv
+    assert "kept from the environment: WANDB_PROJECT" in result.stdout
+    assert "holds HF_TOKEN and is readable by group/others (mode 644): run `chmod 600 .env`" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_dotenv_exports_and_permission_warning(tmp_path):
+    from sfm_dpo.launcher import dotenv_exports, permission_warning
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("A=1\nB=two words\nC=${A}-x\nBAD.KEY=3\nWANDB_API_KEY=\n")
+    lines, names, kept = dotenv_exports(env_file, {"A": "caller"})
+    # BAD.KEY is no shell name: warned, not exported. An empty value is a value (dotenv sets it, so do we).
+    assert names == ["B", "C", "WANDB_API_KEY"] and kept == ["A"]
+    # The shell reads the lines back to the same values (bash, not shlex, is the reference).
+    script = "\n".join(lines) + '\nprintf "%s|%s" "$B" "$C"'
+    assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout == "two words|caller-x"
+    env_file.chmod(0o644)
+    assert permission_warning(env_file) is None  # WANDB_API_KEY is empty: no secret in it
+    env_file.write_text("HUGGING_FACE_HUB_TOKEN=hf_x\n")
+    for mode, warns in ((0o600, False), (0o640, True), (0o604, True), (0o644, True)):
+        env_file.chmod(mode)
+        warning = permission_warning(env_file)
+        assert (warning is not None) == warns, oct(mode)
+        assert not warning or f"HUGGING_FACE_HUB_TOKEN and is readable by group/others (mode {mode:03o})" in warning
+        assert not warning or "hf_x" not in warning
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dry-run", "demo", "--hub_token", SECRET],
+        ["--dry-run", "demo", "--max_steps", "2", f"--hub_token={SECRET}"],
+        ["--dry-run", "demo", "--hub-token", SECRET],
+        ["think", "--hub_model_id", SECRET],  # a token pasted in the wrong place, not a dry run
+    ],
+)
+def test_token_on_the_command_line_is_refused_and_never_printed(args):
+    result = subprocess.run(
+        ["bash", str(LAUNCH), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        "Put it in .env" in result.stderr and "HF_TOKEN=" in result.stderr and "Nothing was launched" in result.stderr
+    )
+    assert SECRET not in result.stdout + result.stderr
+    assert "RUN:" not in result.stdout and "=====" not in result.stdout  # refused before the header
+
+
+def test_usr1_during_start_up_exits_75_before_training(tmp_path):
+    """A signal during the start-up (.env, site profile, the config probe) is kept, and the launcher stops before
+    starting training: exit 75 locally, nothing lost. A second signal is the same request."""
+    output_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH), "demo", "--output_dir", str(output_dir)], cwd=REPO, env=_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)  # the config probe alone takes seconds
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    assert out.count("SIGUSR1 during start-up: not starting training") == 1, out
+    assert "PREEMPTED: before training started, nothing to save; run the same command again to resume" in out
+    assert "on USR1    checkpoint, then exit 75 (not under Slurm)" in out
+    assert not output_dir.exists()  # training never started
+
+
+def _write_status(output_dir: Path, **status) -> None:
+    """As a writer must: a complete file or none (temporary name, then rename)."""
+    tmp = output_dir / ".run_status.json.tmp"
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, output_dir / "run_status.json")
+
+
+def test_outcome_is_done_only_when_this_run_said_done(tmp_path):
+    from sfm_dpo.launcher import fingerprint, outcome
+
+    status = tmp_path / "run_status.json"
+    before = fingerprint(status)
+    assert outcome(tmp_path, 0, before) == (
+        "failed", f"FAILED: no {status}: training ended (exit code 0) before it could say how it ended",
+    )  # fmt: skip
+    _write_status(tmp_path, state="done", stage="push", message="pushed")
+    assert outcome(tmp_path, 0, before) == ("done", f"DONE: model saved to {tmp_path}")
+    verdict, line = outcome(tmp_path, 1, before)
+    assert verdict == "failed" and line.startswith("FAILED: exit code 1 after")
+
+    before = fingerprint(status)  # a new launch in the same folder, which then dies without a word
+    assert outcome(tmp_path, 0, before) == (
+        "failed", f"FAILED: {status} is from an earlier run; this one ended (exit code 0) without writing it",
+    )  # fmt: skip
+    _write_status(tmp_path, state="failed", stage="push", message="403 Forbidden:\n  no write access")
+    assert outcome(tmp_path, 0, before) == (
+        "failed", "FAILED at push: 403 Forbidden: no write access (state 'failed', exit code 0)",
+    )  # fmt: skip
+    _write_status(tmp_path, state="preempted", stage="reference pass", message="shard 3 of 8 kept")
+    assert outcome(tmp_path, 1, before) == ("preempted", "PREEMPTED during reference pass: shard 3 of 8 kept")
+    _write_status(tmp_path, state="running", stage="final save", message="final save started")  # then killed
+    assert outcome(tmp_path, 1, before) == (
+        "failed", "FAILED during final save: training ended (exit code 1) in the middle of it (final save started)",
+    )  # fmt: skip
+    _write_status(tmp_path, state="done", stage="push", message="pushed", job_id="41")  # the job that holds the folder
+    assert outcome(tmp_path, 0, before, job_id="42")[1].startswith(f"FAILED: {status} was written by job 41, not this")
+    assert outcome(tmp_path, 0, before, job_id="41")[0] == "done"
+    status.write_text('{"state": "do')  # a writer that did not write atomically, killed
+    verdict, line = outcome(tmp_path, 0, before)
+    assert verdict == "failed" and line.startswith(f"FAILED: unreadable {status} (JSONDecodeError")
