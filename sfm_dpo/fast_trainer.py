@@ -100,9 +100,10 @@ class PackingPlanRecord(TrainerCallback, ExportableState):
             if state.global_step > 0:
                 logger.warning("The checkpoint has no record of its micro-batch plan; resuming without checking it.")
             return
-        if state.global_step == 0:
-            return
-        epoch, before = self._remaining(saved["args"]["step_digests"], state.global_step)
+        saved_digests = saved["args"]["step_digests"]
+        if all(state.global_step % len(digests[0]) == 0 for digests in (saved_digests, self.step_digests)):
+            return  # a fresh start, or an epoch boundary of both plans: the next epoch is trained from its first step
+        epoch, before = self._remaining(saved_digests, state.global_step)
         _, now = self._remaining(self.step_digests, state.global_step)
         horizon = max(state.max_steps - state.global_step, 0)  # the steps this run will train in that epoch
         before, now = before[:horizon], now[:horizon]

@@ -285,6 +285,40 @@ def test_resume_checks_the_micro_batch_plan(tmp_path, caplog):
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
 
 
+def test_plan_record_checks_the_steps_still_to_come_in_the_epoch(tmp_path):
+    """Only the steps the resumed run will train in the epoch it resumes in must match: at an epoch boundary the next
+    epoch starts from its first step whatever its plan (here the checkpoint's run planned 1 epoch and the resumed
+    run, given more max_steps, plans 2), and steps beyond max_steps are not trained."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from sfm_dpo.fast_trainer import PackingPlanRecord
+    from sfm_dpo.packing import TokenBudgetBatchSampler
+
+    tokens = [10 + (7 * i) % 23 for i in range(24)]  # 6 steps of 4 pairs per epoch
+    one_epoch = TokenBudgetBatchSampler(tokens, 4, 1, seed=0, num_epochs=1, pairs_per_microbatch=2)
+    saved = PackingPlanRecord(one_epoch.step_digests()).state()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+
+    def resume(sampler, global_step, max_steps):
+        state = TrainerState(global_step=global_step, max_steps=max_steps,
+                             stateful_callbacks={"PackingPlanRecord": saved})  # fmt: skip
+        PackingPlanRecord(sampler.step_digests()).on_train_begin(args, state, None)
+
+    two_epochs = TokenBudgetBatchSampler(tokens, 4, 2, seed=0, num_epochs=2, max_tokens_per_microbatch=40)
+    resume(two_epochs, 6, 12)  # epoch boundary: epoch 1 was never planned by the checkpoint's run
+    resume(two_epochs, 3, 12)  # mid-epoch 0: the same pairs per step on 2 ranks
+    other_seed = TokenBudgetBatchSampler(tokens, 4, 1, seed=1, num_epochs=2, pairs_per_microbatch=2)
+    assert other_seed.step_digests()[0][0] != one_epoch.step_digests()[0][0]
+    resume(other_seed, 6, 12)
+    with pytest.raises(ValueError, match=r"Resuming at step 3 .*from step 4 on \(epoch 0\)"):
+        resume(other_seed, 3, 12)
+    # Another pairs_per_step: 8 steps of 3; step 6 is mid-epoch for it, so the rest of its epoch 0 would be skipped.
+    with pytest.raises(ValueError, match="Resuming at step 6"):
+        resume(TokenBudgetBatchSampler(tokens, 3, 1, seed=0, num_epochs=1, pairs_per_microbatch=3), 6, 12)
+
+
 def cached_rows(rows, reference) -> list[dict]:
     """`rows` with the reference log-probs of `reference` (a tiny model), as the reference cache holds them."""
     from trl.trainer.utils import add_fused_lm_head
