@@ -272,9 +272,15 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
                 counter["pairs"] += (inputs["pair_weights"] > 0).sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
+    callbacks = [timer]
+    if args.fast_grad_ckpt:  # the planner train_dpo.py uses (sfm_dpo.recompute), on this GPU's memory
+        from sfm_dpo.recompute import RecomputePlanCallback
+
+        recompute = RecomputePlanCallback(args.recompute_layers, args.token_budget)
+        callbacks.append(recompute)
     with tempfile.TemporaryDirectory() as out:
         trainer = TimedFastTrainer(model=model, args=dpo_config(args, out, fast=True), train_dataset=dataset,
-                                   processing_class=tokenizer, callbacks=[timer], attn_backend=backend,
+                                   processing_class=tokenizer, callbacks=callbacks, attn_backend=backend,
                                    max_tokens_per_microbatch=args.token_budget)  # fmt: skip
         rows = probe_rows(dataset, model.config.vocab_size)
         cached = [{**r, "ref_chosen_logps": dataset[i]["ref_chosen_logps"],
@@ -300,7 +306,9 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
         "reference": "precomputed (sfm_dpo.ref_cache, packed forward), not kept",
         "ref_pass_s": ref_pass_s, "ref_pass_tokens": ref_tokens, "ref_pass_pairs": len(dataset),
         "ref_pass_peak_mem_gib": ref_peak, "attn_implementation": backend,
-        "gradient_checkpointing": args.fast_grad_ckpt, "token_budget": args.token_budget,
+        "gradient_checkpointing": args.fast_grad_ckpt,
+        "recomputed_layers": recompute.recomputed if args.fast_grad_ckpt else None,
+        "token_budget": args.token_budget,
         "compile_layers": args.compile_layers, "ref_compile_s": compile_s, "ref_token_budget": ref_budget,
         "micro_batches_per_step": micro,
     }  # fmt: skip
@@ -419,6 +427,7 @@ def main() -> int:
     parser.add_argument("--token-budget", type=int, default=16384)
     parser.add_argument("--ref-token-budget", type=int, default=None, help="default 4 x --token-budget")
     parser.add_argument("--fast-grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--recompute-layers", default="all", help="with --fast-grad-ckpt: all, N, or auto (planned)")
     parser.add_argument("--attn-backend", default="auto")
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--seed", type=int, default=0)

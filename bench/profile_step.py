@@ -42,7 +42,7 @@ def micro_batches(arch: str, budget: int, n_batches: int, max_length: int, seed:
             for g in groups[:n_batches]]  # fmt: skip
 
 
-def build(arch: str, variant: str, grad_ckpt: bool):
+def build(arch: str, variant: str, grad_ckpt: bool, ckpt_layers: int | None = None):
     from trl.trainer.utils import add_fused_lm_head
 
     model = build_model(arch, "cuda")
@@ -56,6 +56,9 @@ def build(arch: str, variant: str, grad_ckpt: bool):
         compile_decoder_layers(model, traced_checkpoint="ckpt" in variant)
     if grad_ckpt:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+        if ckpt_layers is not None:  # selective recompute: only the first `ckpt_layers` decoder layers
+            for index, layer in enumerate(model.get_decoder().layers):
+                layer.gradient_checkpointing = index < ckpt_layers
     return model
 
 
@@ -102,11 +105,17 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=16384, help="training micro-batch tokens")
     parser.add_argument("--ref-budgets", default="16384", help="comma list: reference micro-batch tokens")
     parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument(
+        "--ckpt-layers",
+        default=None,
+        help="comma list: with --grad-ckpt, recompute only the first K layers (one run each)",
+    )
     parser.add_argument("--batches", type=int, default=10, help="timed micro-batches per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--profile-rows", type=int, default=18)
     parser.add_argument("--repeat", action="store_true", help="time the training batches again (seen shapes)")
+    parser.add_argument("--no-kernel-table", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -115,13 +124,24 @@ def main() -> int:
     n = args.warmup + args.batches
     ref_budgets = [int(b) for b in args.ref_budgets.split(",")]
     train_batches = micro_batches(args.arch, args.budget, n, args.max_length)
-    for variant in args.variants.split(","):
-        model = build(args.arch, variant, args.grad_ckpt)
+    ckpt_choices = [int(k) for k in args.ckpt_layers.split(",")] if args.ckpt_layers else [None]
+    for variant, ckpt_layers in ((v, k) for v in args.variants.split(",") for k in ckpt_choices):
+        model = build(args.arch, variant, args.grad_ckpt, ckpt_layers)
         n_params = sum(p.numel() for p in model.parameters())
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        seconds, tokens, per_batch = run(model, train_batches, True, args.warmup)
+        try:
+            seconds, tokens, per_batch = run(model, train_batches, True, args.warmup)
+        except torch.OutOfMemoryError as error:
+            record = {"variant": variant, "ckpt_layers": ckpt_layers, "oom": str(error).split(".")[0],
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+            print(json.dumps(record), flush=True)
+            results.append(record)
+            del model
+            torch.cuda.empty_cache()
+            continue
         record = {"variant": variant, "arch": args.arch, "n_params": n_params, "grad_ckpt": args.grad_ckpt,
+                  "ckpt_layers": ckpt_layers,
                   "train_budget": args.budget, "train_tokens_per_s": tokens / seconds,
                   "train_mfu": 6 * n_params * tokens / seconds / PEAK_FLOPS,
                   "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -143,6 +163,11 @@ def main() -> int:
         best_ref = max(record[f"ref_tokens_per_s@{b}"] for b in ref_budgets)
         record["both_tokens_per_s"] = 1 / (1 / record["train_tokens_per_s"] + 1 / best_ref)
         print(json.dumps(record), flush=True)
+        if args.no_kernel_table:
+            results.append(record)
+            del model
+            torch.cuda.empty_cache()
+            continue
         print(f"--- {variant}: training micro-batches (forward + backward), top CUDA kernels")
         print(kernel_table(model, train_batches[-2:], True, args.profile_rows), flush=True)
         print(f"--- {variant}: reference micro-batches (no-grad forward), top CUDA kernels")
