@@ -22,6 +22,7 @@ from trl import DPOConfig, ModelConfig
 
 from sfm_dpo.chat_templates import resolve_chat_template
 from sfm_dpo.checkpoints import finished_training, latest_complete_checkpoint
+from sfm_dpo.compat import quiet_known_noise, renamed_args
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, push_final_model
 from sfm_dpo.data import prepare_dataset
@@ -180,4 +181,6 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
 
 if __name__ == "__main__":
     load_secrets()  # before parsing, so .env can set WANDB_PROJECT and friends
+    quiet_known_noise()  # DeepSpeed's and accelerate's known notices: dropped, noted once (sfm_dpo/compat.py)
+    sys.argv[1:] = renamed_args(sys.argv[1:])  # transformers' deprecated argument names -> the new ones, logged
     sys.exit(main(*make_parser().parse_args_and_config()))

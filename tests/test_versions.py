@@ -3,17 +3,21 @@ check (sfm_dpo/versions.py), and an unsupported Python or package stops every en
 before any heavy import: a real Python 3.10 interpreter, and this venv with an old trl's metadata put first."""
 
 import ast
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sfm_dpo import versions
+from sfm_dpo.compat import RENAMED_ARGS, quiet_known_noise, renamed_args
 from sfm_dpo.versions import ENVIRONMENT_EXIT_CODE, find_problems, parse_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +114,6 @@ def test_what_runs_before_the_check_parses_as_old_python():
     Python 3.10 (they then stop at the check), and the check module on 3.8."""
     ast.parse((REPO / "sfm_dpo" / "versions.py").read_text(), feature_version=(3, 8))
     ast.parse((REPO / "sfm_dpo" / "__init__.py").read_text(), feature_version=(3, 8))
-    light = {"argparse", "logging", "os", "pathlib", "sys", "time", "sfm_dpo.versions"}
     for path in ("train_dpo.py", "scripts/analyze_dataset.py"):
         source = (REPO / path).read_text()
         ast.parse(source, feature_version=(3, 10))
@@ -121,7 +124,8 @@ def test_what_runs_before_the_check_parses_as_old_python():
         before = [n for n in body[:check] if isinstance(n, ast.Import | ast.ImportFrom)]
         modules = {a.name for n in before if isinstance(n, ast.Import) for a in n.names}
         modules |= {n.module for n in before if isinstance(n, ast.ImportFrom)}
-        assert modules <= light, (path, modules - light)
+        heavy = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names and m != "sfm_dpo.versions"}
+        assert not heavy, (path, heavy)
         assert any(isinstance(n, ast.Import | ast.ImportFrom) for n in body[check:]), path
 
 
@@ -178,3 +182,88 @@ def test_entry_points_with_an_old_trl_print_one_line_and_exit_3(tmp_path):
         assert run.returncode == ENVIRONMENT_EXIT_CODE, (args, run.stderr)
         assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, (args, run.stderr)
         assert "trl>=1.15,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head" in run.stderr
+
+
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def parse_recipe(recipe: Path, *extra: str):
+    from sfm_dpo.config import make_parser
+
+    # bf16 recipes need a GPU to parse; the flags added here are not deprecated ones.
+    return make_parser().parse_args_and_config(
+        args=["--config", str(recipe), "--use_cpu", "true", "--bf16", "false", *extra]
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_parse_without_deprecation_warnings(recipe):
+    """What our settings make the real parser say: nothing deprecated (transformers 5.23+ warns FutureWarning for
+    gradient_checkpointing, which TRL's DPOConfig also defaults, so the recipes set activation_checkpointing)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, training_args, _ = parse_recipe(recipe)
+    deprecated = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning))
+    ]
+    assert deprecated == [], deprecated
+    assert not set(yaml.safe_load(recipe.read_text())) & set(RENAMED_ARGS), "a recipe uses a deprecated name"
+    assert training_args.gradient_checkpointing == training_args.activation_checkpointing  # transformers mirrors them
+
+
+def test_old_checkpointing_flag_is_read_as_the_new_one(caplog):
+    """Untranslated, `--gradient_checkpointing false` over a recipe that sets activation_checkpointing is silently
+    ignored by transformers (the new name wins); translated, it takes effect, with a log line and no FutureWarning."""
+    think = REPO / "configs" / "think.yaml"
+    _, ignored, _ = parse_recipe(think, "--gradient_checkpointing", "false")
+    assert ignored.activation_checkpointing is True
+    for flag in (["--gradient_checkpointing", "false"], ["--gradient_checkpointing=false"]):
+        with caplog.at_level(logging.WARNING, logger="sfm_dpo.compat"):
+            argv = renamed_args(flag)
+        assert argv[0].startswith("--activation_checkpointing")
+        assert "--gradient_checkpointing is the deprecated name of --activation_checkpointing" in caplog.text
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, training_args, _ = parse_recipe(think, *argv)
+        assert training_args.activation_checkpointing is False and training_args.gradient_checkpointing is False
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert renamed_args(["--gradient_checkpointing_kwargs", "{}", "--learning_rate", "1"]) == [
+        "--activation_checkpointing_kwargs", "{}", "--learning_rate", "1"
+    ]  # fmt: skip
+
+
+def test_known_noise_is_dropped_and_noted_once(tmp_path, caplog):
+    """The real DeepSpeed-era warning (torch.distributed.all_gather_into_tensor, one gloo process) and accelerate's
+    accumulation line are dropped and noted once each; any other warning or log line still shows."""
+    import torch
+    import torch.distributed as dist
+
+    accelerate_logger = logging.getLogger("accelerate.accelerator")
+    saved_filters = list(accelerate_logger.filters)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        # catch_warnings restores the showwarning hook afterwards; record=True: what would be shown lands in `shown`.
+        with caplog.at_level(logging.INFO, logger="sfm_dpo.compat"), warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            quiet_known_noise()
+            out = torch.zeros(2)
+            for _ in range(3):
+                dist.all_gather_into_tensor(out, torch.ones(2))
+            warnings.warn("some other future change", FutureWarning, stacklevel=1)
+            for _ in range(2):
+                accelerate_logger.warning(
+                    "[RANK 0] Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed "
+                    "config has 8. Using DeepSpeed's value."
+                )
+            accelerate_logger.warning("a real accelerate problem")
+        assert torch.equal(out, torch.ones(2))
+        assert [str(w.message) for w in shown] == ["some other future change"]
+        notes = [r.getMessage() for r in caplog.records if r.name == "sfm_dpo.compat"]
+        assert len(notes) == 2 and "DeepSpeed's ZeRO-2" in notes[0] and "accumulates itself" in notes[1], notes
+        messages = [r.getMessage() for r in caplog.records if r.name == "accelerate.accelerator"]
+        assert messages == ["a real accelerate problem"]
+    finally:
+        dist.destroy_process_group()
+        accelerate_logger.filters[:] = saved_filters
