@@ -137,6 +137,16 @@ class PackedEvaluationMixin:
 
     # --- loop ----------------------------------------------------------------------------------------------------------
 
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's, then the model back in training mode: otherwise the logs after an evaluation at the last step
+        (the final `train_runtime`, ...) would be taken for evaluation logs (TRL's `log` reads the mode off the
+        model)."""
+        was_training = self.model.training
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):  # fmt: skip
         if not getattr(self, "packed", False):

@@ -174,15 +174,16 @@ def plot_figures(runs: list[Run], plots_dir: Path) -> dict:
     for figure in FIGURES:
         lines = []
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        # One run: a colour per quantity, its training and held-out lines alike. Several: a colour per run.
+        quantities = list(dict.fromkeys(key.removeprefix("eval_") for key, _ in figure.series))
         for r, run in enumerate(runs):
-            for k, (key, label) in enumerate(figure.series):
+            for key, label in figure.series:
                 steps, values = run.series(key)
                 if not steps:
                     continue
                 held_out = key.startswith("eval_")
                 name = label if len(runs) == 1 else f"{run.label}: {label}"
-                # Colour: the run (several runs) or the series (one run); held-out dashed with markers.
-                colour = colours[(r if len(runs) > 1 else k) % len(colours)]
+                colour = colours[(r if len(runs) > 1 else quantities.index(key.removeprefix("eval_"))) % len(colours)]
                 style = {"linestyle": "--", "marker": "o", "markersize": 4} if held_out else {"linestyle": "-"}
                 if len(runs) > 1 and len(figure.series) > 2 and "rejected" in key:
                     style["linestyle"] = ":" if not held_out else "-."
