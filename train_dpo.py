@@ -25,11 +25,12 @@ from sfm_dpo.checkpoints import finished_training, latest_complete_checkpoint
 from sfm_dpo.compat import quiet_known_noise, renamed_args
 from sfm_dpo.config import ScriptArguments, check_recipe, derive_run_names, gradient_accumulation_for, make_parser
 from sfm_dpo.credentials import check_hub_access, configure_wandb, load_secrets, push_final_model
-from sfm_dpo.data import prepare_dataset
+from sfm_dpo.data import prepare_dataset, split_for_eval
 from sfm_dpo.fast_path import build_trainer
 from sfm_dpo.preemption import PreemptionCallback
 from sfm_dpo.preflight import check_disk_space, dump_config, resolved_config, save_config
 from sfm_dpo.reporting import run_summary, save_summary, summary_text
+from sfm_dpo.run_report import write_report_or_log
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,18 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
 
     with training_args.main_process_first(desc="preparing the preference data"):
         train_dataset, data_report = prepare_dataset(script_args, training_args, tokenizer)
+        # Rank 0 first: it records the held-out split, which the other ranks (and any resumed run) then read back.
+        train_dataset, eval_dataset, eval_split = split_for_eval(train_dataset, script_args, training_args, data_report)
+        if eval_split is not None and training_args.process_index == 0:
+            eval_split.save(training_args.output_dir)
     data_report.log(logger)
     if training_args.process_index == 0:
         data_report.save(f"{training_args.output_dir}/data_report.json")
 
     preemption = PreemptionCallback()  # SIGUSR1 (Slurm's pre-timeout signal): checkpoint at the next step, stop
-    trainer = build_trainer(model, train_dataset, script_args, training_args, model_args, tokenizer, [preemption])
+    trainer = build_trainer(
+        model, train_dataset, script_args, training_args, model_args, tokenizer, [preemption], eval_dataset=eval_dataset
+    )
     # A requeued or resubmitted job resumes from its newest COMPLETE checkpoint: optimizer, scheduler, RNG and data
     # position included (the Trainer restores them and skips the batches already seen).
     if last_checkpoint:
@@ -157,6 +164,7 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
         tokenizer.save_pretrained(training_args.output_dir)
         trainer.save_state()
         save_summary(summary, training_args.output_dir)
+        write_report_or_log(training_args.output_dir, logger)
     logger.info(summary_text(summary))
 
     if push_to_hub:
