@@ -143,7 +143,10 @@ if [[ -f .env ]]; then
         die "cannot read .env: no python with python-dotenv (tried ${VENV:+$VENV/bin/python, }$REPO/.venv/bin/python, python3, python on PATH); set VENV=/path/to/your/virtualenv or pip install python-dotenv"
     DOTENV_SET='' DOTENV_KEPT=''
     # Prints `export KEY='value'` for the keys not set yet (shell-quoted, so eval runs no value) and the two lists.
-    dotenv_exports=$("$dotenv_py" -m sfm_dpo.launcher dotenv .env) || die "could not read .env (error above)"
+    # Our shell's variables count as set: a .env line IFS=... or REPO=... must not change how this script runs.
+    # shellcheck disable=SC2046  # one name per word
+    dotenv_exports=$("$dotenv_py" -m sfm_dpo.launcher dotenv .env $(compgen -v)) ||
+        die "could not read .env (error above)"
     eval "$dotenv_exports"
     unset dotenv_exports
     log "loaded .env (values not shown): set ${DOTENV_SET:-nothing}${DOTENV_KEPT:+; kept from the environment: $DOTENV_KEPT}"
@@ -266,19 +269,21 @@ slurm_requeue_mode() {
     local info
     if ! info=$(scontrol show job -o "$SLURM_JOB_ID" 2>&1); then
         # slurmctld unreachable: sbatch's batch step sets ENVIRONMENT=BATCH; salloc and srun do not.
-        [[ "${ENVIRONMENT:-}" == BATCH ]] && REQUEUE=1
-        log "WARNING: scontrol show job $SLURM_JOB_ID failed ($info): ENVIRONMENT=${ENVIRONMENT:-unset}, so taking it for $( ((REQUEUE)) && echo a batch job || echo an interactive allocation)"
-    elif [[ " $info " == *" BatchFlag=0 "* ]]; then
-        ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: an interactive allocation (salloc/srun, BatchFlag=0) is never requeued; run the same command again"
-        return
-    elif [[ " $info " == *" Requeue=0 "* ]]; then
-        ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: Slurm may not requeue this job (Requeue=0: --no-requeue, or JobRequeue=0 on this cluster); resubmit it"
-        return
-    else
-        REQUEUE=1
+        log "WARNING: scontrol show job $SLURM_JOB_ID failed (${info//$'\n'/ }); deciding by ENVIRONMENT=${ENVIRONMENT:-unset}"
+        info="BatchFlag=$([[ "${ENVIRONMENT:-}" == BATCH ]] && echo 1 || echo 0)"
     fi
-    ((REQUEUE)) && ON_PREEMPTION="checkpoint, then scontrol requeue $SLURM_JOB_ID (a batch job)"
-    ((REQUEUE)) || ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: run the same command again"
+    case " $info " in
+        *" BatchFlag=0 "*)
+            ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: an interactive allocation (salloc/srun, BatchFlag=0) is never requeued; run the same command again"
+            ;;
+        *" Requeue=0 "*)
+            ON_PREEMPTION="checkpoint, then exit $REQUEUE_EXIT_CODE: Slurm may not requeue this job (Requeue=0: --no-requeue, or JobRequeue=0 on this cluster); submit it again"
+            ;;
+        *)
+            REQUEUE=1
+            ON_PREEMPTION="checkpoint, then scontrol requeue $SLURM_JOB_ID (a batch job)"
+            ;;
+    esac
 }
 if ((UNDER_SLURM)); then
     if [[ "$DRY_RUN" == 1 ]]; then

@@ -19,6 +19,7 @@ import os
 import shlex
 import stat
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 # The variables whose values must never be in a world-readable file (the tokens of sfm_dpo.credentials).
@@ -42,9 +43,12 @@ def _raw_values(path: str | os.PathLike) -> dict[str, str | None]:
         dotenv_logger.setLevel(level)
 
 
-def dotenv_exports(path: str | os.PathLike, environ: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+def dotenv_exports(
+    path: str | os.PathLike, environ: dict[str, str], shell_variables: Iterable[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
     """(export lines, names set, names kept from the environment). Runs `load_dotenv(override=False)` itself, against
-    `environ`, rather than re-implementing its rules."""
+    `environ`, rather than re-implementing its rules. `shell_variables`, the names the launcher's shell has set (its
+    own, and bash's: IFS, UID, BASHOPTS...), are not overridden either: they would change how the launcher runs."""
     from dotenv import load_dotenv
 
     saved = dict(os.environ)
@@ -58,9 +62,14 @@ def dotenv_exports(path: str | os.PathLike, environ: dict[str, str]) -> tuple[li
         os.environ.update(saved)
     kept = [k for k, v in _raw_values(path).items() if v is not None and k in environ]
     lines, names = [], []
+    shell_variables = set(shell_variables)
     for key in (k for k in loaded if k not in environ):
         if not (key.isidentifier() and key.isascii()):
             print(f"[launch] WARNING: .env variable {key!r} is not a shell name; not exported", file=sys.stderr)
+            continue
+        if key in shell_variables:
+            print(f"[launch] WARNING: .env variable {key} is a variable of the launcher's shell; not exported",
+                  file=sys.stderr)  # fmt: skip
             continue
         lines.append(f"export {key}={shlex.quote(loaded[key])}")
         names.append(key)
@@ -124,8 +133,8 @@ def outcome(output_dir: str | os.PathLike, rc: int, before: str, job_id: str | N
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "dotenv":
-        (path,) = args
-        lines, names, kept = dotenv_exports(path, dict(os.environ))
+        path, *shell_variables = args
+        lines, names, kept = dotenv_exports(path, dict(os.environ), shell_variables)
         if warning := permission_warning(path):
             print(f"[launch] WARNING: {warning}", file=sys.stderr)
         print("\n".join(lines))
@@ -139,7 +148,9 @@ def main(argv: list[str]) -> int:
         print(verdict)
         print(line)
     else:
-        print(f"unknown command {command!r}: dotenv PATH | fingerprint PATH | outcome OUTPUT_DIR RC FINGERPRINT")
+        print(
+            f"unknown command {command!r}: dotenv PATH [SHELL_VARIABLE...] | fingerprint PATH | outcome DIR RC BEFORE"
+        )
         return 2
     return 0
 

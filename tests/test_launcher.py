@@ -256,9 +256,10 @@ def test_dotenv_exports_and_permission_warning(tmp_path):
     from sfm_dpo.launcher import dotenv_exports, permission_warning
 
     env_file = tmp_path / ".env"
-    env_file.write_text("A=1\nB=two words\nC=${A}-x\nBAD.KEY=3\nWANDB_API_KEY=\n")
-    lines, names, kept = dotenv_exports(env_file, {"A": "caller"})
-    # BAD.KEY is no shell name: warned, not exported. An empty value is a value (dotenv sets it, so do we).
+    env_file.write_text("A=1\nB=two words\nC=${A}-x\nBAD.KEY=3\nWANDB_API_KEY=\nIFS=x\nREPO=org/name\n")
+    lines, names, kept = dotenv_exports(env_file, {"A": "caller"}, shell_variables=["IFS", "REPO", "B_NOT_IN_FILE"])
+    # BAD.KEY is no shell name, IFS and REPO are the launcher shell's: warned, not exported. An empty value is a
+    # value (dotenv sets it, so do we).
     assert names == ["B", "C", "WANDB_API_KEY"] and kept == ["A"]
     # The shell reads the lines back to the same values (bash, not shlex, is the reference).
     script = "\n".join(lines) + '\nprintf "%s|%s" "$B" "$C"'
