@@ -251,7 +251,7 @@ except ValueError as error:
         raise
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv + ["--use_cpu", "true"])
     use_cpu = False
-derive_run_names(model_args, training_args, train_dpo.recipe_model(argv), argv, logging.getLogger("launch"))
+derive_run_names(training_args, argv, logging.getLogger("launch"))
 print(training_args.output_dir)
 print(int(use_cpu))
 EOF

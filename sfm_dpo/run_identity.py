@@ -68,7 +68,7 @@ NOT_IDENTITY = frozenset(
         "activation_offloading", "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
         "use_liger_kernel", "liger_kernel_config", "tf32", "dataset_num_proc", "precompute_ref_batch_size",
         "max_tokens_per_microbatch", "ref_tokens_per_batch", "compile_layers", "attn_backend", "attn_implementation",
-        "max_consecutive_nonfinite",
+        "max_consecutive_nonfinite", "recompute_layers", "use_cache",
         # The machine: device, world and launcher settings (a run may resume on another number of GPUs).
         "use_cpu", "local_rank", "deepspeed", "fsdp", "fsdp_config", "accelerator_config", "parallelism_config",
         "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
@@ -281,7 +281,7 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._flock(fd)
         except BlockingIOError:
             os.close(fd)
             owner = self._read_owner() or {}
@@ -313,6 +313,29 @@ class FolderLock:
         self._thread.start()
         logger.info("Holding %s (%s).", self.folder / LOCK_FILE, _describe(self._record))
         return self
+
+    def _flock(self, fd: int) -> None:
+        """flock, or BlockingIOError when another process holds it. A later life of the same Slurm job (a requeue
+        after a node failure) waits up to STALE_S for the dead life's lock: on NFS the server keeps a lost client's
+        locks until its lease expires (90 s by default). Slurm runs one life of a job at a time, so it then goes on
+        without the flock (the heartbeat still guards the folder)."""
+        deadline = time.monotonic() + STALE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                owner = self._read_owner() or {}
+                if not (_job_id() and owner.get("job_id") == _job_id()):
+                    raise
+                if time.monotonic() > deadline:
+                    logger.warning(
+                        "%s is still locked by an earlier life of this job (%s), dead since Slurm requeued it: going "
+                        "on without the lock.", self.folder / LOCK_FILE, _describe(owner),
+                    )  # fmt: skip
+                    return
+                logger.info("Waiting for the lock of an earlier life of this job to expire (%s).", _describe(owner))
+                time.sleep(5)
 
     @staticmethod
     def _held_elsewhere(owner: dict) -> bool:

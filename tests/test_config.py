@@ -99,21 +99,28 @@ def test_model_override_gives_per_model_output_and_hub_id():
     log = logging.getLogger("test")
     argv = ["--config", "configs/think.yaml", "--model_name_or_path", "geodesic-research/sfm-other"]
     _, args, model_args = parse("think", *argv[2:])
-    derive_run_names(model_args, args, "geodesic-research/sfm-sft_dolci_think_unfiltered", argv, log)
+    derive_run_names(args, argv, log)
     assert args.output_dir == "outputs/dpo/sfm-other"
     assert args.hub_model_id == "geodesic-research/sfm-other-DPO"
     # Explicit values win.
     argv += ["--output_dir", "x", "--hub_model_id", "me/y"]
     _, args, model_args = parse("think", *argv[2:])
-    derive_run_names(model_args, args, "geodesic-research/sfm-sft_dolci_think_unfiltered", argv, log)
+    derive_run_names(args, argv, log)
     assert (args.output_dir, args.hub_model_id) == ("x", "me/y")
     # No override: the recipe stands.
     _, args, model_args = parse("think")
-    derive_run_names(model_args, args, model_args.model_name_or_path, ["--config", "configs/think.yaml"], log)
+    derive_run_names(args, ["--config", "configs/think.yaml"], log)
     assert (args.output_dir, args.hub_model_id) == (
         "outputs/dpo",
         "geodesic-research/sfm-sft_dolci_think_unfiltered-DPO",
     )
+
+
+def test_a_token_in_the_recipe_is_refused():
+    script_args, args, model_args = parse("think", "--hub_token", "hf_" + "x" * 34)
+    with pytest.raises(ValueError, match="put HF_TOKEN=... in .env") as refused:
+        check_recipe(script_args, args, model_args)
+    assert "hf_x" not in str(refused.value)
 
 
 def test_warmup_is_ten_percent():
