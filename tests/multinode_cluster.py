@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import DAEMONS, FAKE_GPUS, SLURM_CONF, SlurmCluster, _free_port
+from tests.slurm_cluster import DAEMONS, FAKE_GPUS, SLURM_CONF, SlurmCluster, _free_port, cluster_unavailable
 
 NODES = 2
 HOSTS_FILE = Path("/etc/hosts")
@@ -274,15 +274,17 @@ def _locked_hosts():
 
 @pytest.fixture(scope="module")  # its namespaces and daemons go as soon as the module's tests are done
 def multinode_cluster(tmp_path_factory):
-    # Not skipped: CI runs as root with these tools. Anything missing fails here, with what to do.
+    # As the single-node cluster: fails in CI and as root where it cannot run, naming why; skips, loudly, without root.
     if os.geteuid() != 0:
-        pytest.fail("the 2-node Slurm test cluster needs root (network namespaces, a bridge, /etc/hosts, daemons)")
+        cluster_unavailable("the 2-node cluster needs root (network namespaces, a bridge, /etc/hosts, daemons)")
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if missing:
-        pytest.fail(f"Slurm/munge not installed (missing {missing}): run scripts/install_slurm.sh")
+        cluster_unavailable(f"Slurm/munge not installed (missing {missing}): run `bash scripts/install_slurm.sh`")
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"missing {missing}: install iproute2 and util-linux (apt-get install iproute2 util-linux)")
+        cluster_unavailable(
+            f"missing {missing}: install iproute2 and util-linux (apt-get install iproute2 util-linux)"
+        )
     cluster = MultiNodeCluster(tmp_path_factory.mktemp("multinode"))
     try:
         cluster.start()

@@ -2,8 +2,8 @@
 
 The real wrapper, submitted unchanged with the demo recipe's values as overrides (tests/test_slurm.py), runs the
 launcher's multi-node path: one `accelerate launch` per node through srun, MASTER_ADDR the allocation's first node,
-machine ranks from SLURM_PROCID, c10d rendezvous, DeepSpeed ZeRO-2 over gloo between the nodes' own addresses. One
-CPU process per node (CPU_PROCESSES=1, the launcher's CPU fallback; the cluster's GPUs are fake).
+c10d rendezvous there, DeepSpeed ZeRO-2 over gloo between the nodes' own addresses, SIGUSR1 forwarded to every node,
+requeue and resume. One CPU process per node (CPU_PROCESSES=1, the launcher's CPU fallback; the GPUs are fake).
 
 - The reference: the same arguments on one node, 2 processes, no Slurm (`bash scripts/launch.sh think ...`). Same
   world size, same global batch: every step's logged numbers and the final weights must be the same.
@@ -33,7 +33,7 @@ from tests.test_slurm import demo_overrides, final_weights, finish, job_id_of, s
 pytestmark = pytest.mark.multinode
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo's ~6 steps last a few seconds; what matters is that the signal and the kill land during training.
+# The demo's 16 steps last ~5 s: the signal and the kill, sent once step 1 is logged, land during training.
 TRAIN_ARGS = {"save_steps": 1000}  # no periodic checkpoint: the only one before the end is the preemption's
 FAIL_WITHIN_S = 90  # the kill test: from the kill to the job's end (gloo's own timeout would be 30 minutes)
 # torch elastic's agent (`accelerate launch ...`) starts each worker as `python -u train_dpo.py ...`; the worker's own
@@ -100,7 +100,7 @@ def test_two_node_job_matches_one_node_and_resumes_after_usr1(
     rc, log = finish(proc, job_id)
     assert rc == 0, log
 
-    first, second = cluster.nodes
+    first = cluster.nodes[0]
     lives = log.split("(requeued 1x)")
     assert len(lives) == 2, log  # the second life's header: SLURM_RESTART_COUNT=1
     for life in lives:
@@ -150,7 +150,8 @@ def test_a_killed_node_fails_the_whole_job_without_requeue(multinode_cluster, de
 
     assert rc != 0, log
     assert took < FAIL_WITHIN_S, f"the job took {took:.0f} s to end after the kill:\n{log}"
-    assert "FAILED: training exited with" in log and "PREEMPTED" not in log, log
+    assert any(line.startswith(" FAILED") for line in log.splitlines()), log  # the launcher's summary
+    assert "PREEMPTED" not in log, log
     assert "(requeued" not in log, log
     # A requeued job would be back in the queue (pending); this one is gone, or shown finished.
     assert cluster.job_field(job_id, "Restarts") in (None, "0"), cluster.run(["scontrol", "show", "job", job_id])
