@@ -18,6 +18,7 @@ from .attention import apply_backend, select_backend_for_model
 from .fast_trainer import FastDPOTrainer
 from .kernels import compile_decoder_layers, layers_compiled
 from .packing import reference_logps_fn
+from .recompute import RecomputePlanCallback
 from .trainer import SFMDPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ def build_trainer(
             common["eval_dataset"], _ = attach_reference_logps(
                 model, eval_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop
             )
+    # Recompute only the layers the GPU's memory needs (planned once DeepSpeed is up; sfm_dpo/recompute.py).
+    budget = script_args.max_tokens_per_microbatch or 2 * training_args.max_length
+    common["callbacks"] = [*(callbacks or []), RecomputePlanCallback(script_args.recompute_layers, budget)]
     return FastDPOTrainer(
         model=model,
         train_dataset=train_dataset,
