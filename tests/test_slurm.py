@@ -4,13 +4,20 @@
 - a job trains and saves;
 - a job sent SIGUSR1 mid-training checkpoints, requeues itself, resumes, and ends with the uninterrupted job's step
   count and exactly its weights (fp32 on the CPU);
-- a job with a bad argument fails with a clear message in logs/ and a non-zero exit code.
+- a job with a bad argument fails with a clear message in logs/ and a non-zero exit code;
+- a job sent SIGUSR1 during its start-up requeues without starting training, through a `scontrol requeue` that fails
+  once (a wrapper first on the job's PATH fails the first call, then execs the real scontrol), and then completes;
+- a requeue that never works ends the job loudly with exit 75;
+- an interactive allocation (salloc) is never requeued: it exits 75 like a local run.
 
 The think wrapper runs with the demo recipe's values as command-line overrides (the recipe is fixed by the wrapper).
 """
 
 import json
 import math
+import os
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from tests.slurm_cluster import cluster_unavailable, slurm_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slurm
 
@@ -45,12 +52,12 @@ def demo_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
     return args
 
 
-def sbatch(cluster, *args: str) -> subprocess.Popen:
+def sbatch(cluster, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`sbatch --wait` in the background; the job id is its first output line (--parsable)."""
     cpus = str(cluster.cpus)  # the wrapper asks for 32 CPUs per task; this node has fewer
     return subprocess.Popen(
         ["sbatch", "--wait", "--parsable", f"--cpus-per-task={cpus}", *args],
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env or cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
@@ -67,7 +74,7 @@ def finish(proc: subprocess.Popen, job_id: str) -> tuple[int, str]:
         if proc.poll() is None:
             proc.kill()
     log = REPO / "logs" / f"think-{job_id}.out"
-    return proc.returncode, log.read_text() if log.exists() else f"(no log {log})"
+    return proc.returncode, log.read_text(errors="replace") if log.exists() else f"(no log {log})"
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,9 +82,14 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def expected_steps(output_dir: Path) -> int:
-    """One epoch of the pairs actually used, 16 pairs per optimizer step (the demo's effective batch)."""
-    report = json.loads((output_dir / "data_report.json").read_text())
-    return math.ceil(report["pairs_used"] / 16)
+    """One epoch of the pairs actually trained on (those used, less any held out for evaluation), 16 pairs per
+    optimizer step (the demo's effective batch)."""
+    split = output_dir / "eval_split.json"
+    if split.exists():
+        pairs = json.loads(split.read_text())["train_pairs"]
+    else:
+        pairs = json.loads((output_dir / "data_report.json").read_text())["pairs_used"]
+    return math.ceil(pairs / 16)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +122,9 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, demo_assets, 
     job_id = job_id_of(proc)
     log_path = REPO / "logs" / f"think-{job_id}.out"
     deadline = time.monotonic() + 300
-    while "'loss'" not in (log_path.read_text() if log_path.exists() else ""):  # training has started
-        assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+    # errors="replace": a read while the job writes can end inside a multi-byte character of a progress bar
+    while "'loss'" not in (log_path.read_text(errors="replace") if log_path.exists() else ""):  # training started
+        assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text(errors="replace")
         time.sleep(0.5)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     slurm_cluster.release_requeued(job_id)
@@ -144,3 +157,105 @@ def test_bad_config_fails_with_a_clear_message(slurm_cluster, demo_assets, tmp_p
     assert "Some specified arguments are not used by the HfArgumentParser: ['--learning_rat', '1e-6']" in log
     assert "[launch] ERROR: configs/think.yaml with arguments" in log and "nothing was launched" in log
     assert not (tmp_path / "bad").exists()
+
+
+def failing_scontrol(cluster, folder: Path, failures: int, **extra) -> dict[str, str]:
+    """The cluster's environment with a `scontrol` first on PATH whose first `failures` `requeue` calls fail as a
+    slurmctld time-out does; every other call, and the later requeues, exec the real scontrol. sbatch passes PATH on
+    to the job."""
+    real = shutil.which("scontrol")
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "scontrol"
+    wrapper.write_text(
+        f"""#!/bin/bash
+if [[ "$1" == requeue ]]; then
+    calls=$(( $(cat {folder}/requeue_calls 2>/dev/null || echo 0) + 1 ))
+    echo "$calls" > {folder}/requeue_calls
+    if ((calls <= {failures})); then
+        echo "slurm_requeue error: Socket timed out on send/recv operation (injected, call $calls)" >&2
+        exit 1
+    fi
+fi
+exec {real} "$@"
+"""
+    )
+    wrapper.chmod(0o755)
+    return {**cluster.env, "PATH": f"{folder}{os.pathsep}{cluster.env['PATH']}", **extra}
+
+
+def signal_at_start(cluster, job_id: str, timeout: float = 60) -> None:
+    """SIGUSR1 to the batch shell as soon as the job runs: the launcher is still in its start-up."""
+    deadline = time.monotonic() + timeout
+    while cluster.job_field(job_id, "JobState") != "RUNNING":
+        assert time.monotonic() < deadline, f"job {job_id} did not start:\n{cluster.logs()}"
+        time.sleep(0.05)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+
+
+def test_signal_at_start_up_requeues_through_a_failing_scontrol_and_completes(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+    output_dir = tmp_path / "early"
+    env = failing_scontrol(slurm_cluster, tmp_path / "bin", failures=1)
+    proc = sbatch(
+        slurm_cluster, "scripts/dpo_train.sh", *demo_overrides(demo_assets, output_dir, max_steps=2), env=env
+    )
+    job_id = job_id_of(proc)
+    signal_at_start(slurm_cluster, job_id)
+    slurm_cluster.release_requeued(job_id)
+    rc, log = finish(proc, job_id)
+
+    assert rc == 0, log
+    assert log.count("SIGUSR1 during start-up: not starting training") == 1, log
+    assert f"PREEMPTED: before training started, nothing to save; requeueing job {job_id}" in log
+    assert f"on USR1    checkpoint, then scontrol requeue {job_id} (a batch job)" in log
+    assert f"scontrol requeue {job_id} failed (try 1 of 5): slurm_requeue error: Socket timed out" in log
+    assert f"scontrol requeue {job_id}: done (try 2 of 5)" in log
+    assert "(requeued 1x)" in log  # the second life, which trains
+    assert f"DONE: model saved to {output_dir}" in log
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_requeue_that_never_works_fails_loudly(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+    env = failing_scontrol(slurm_cluster, tmp_path / "bin", failures=100, SFM_REQUEUE_BACKOFF_S="1 1")
+    proc = sbatch(slurm_cluster, "scripts/dpo_train.sh", *demo_overrides(demo_assets, tmp_path / "out"), env=env)
+    job_id = job_id_of(proc)
+    signal_at_start(slurm_cluster, job_id)
+    rc, log = finish(proc, job_id)
+
+    assert rc == 75, log  # sbatch --wait exits with the job's exit code
+    assert [f"try {n} of 3" in log for n in (1, 2, 3)] == [True] * 3, log
+    assert f"job {job_id} was preempted but could NOT be requeued" in log
+    assert "submit the same command again to resume" in log
+    assert (tmp_path / "bin" / "requeue_calls").read_text().strip() == "3"
+
+
+def test_interactive_allocation_is_never_requeued(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+    """`salloc ... bash scripts/launch.sh`: Slurm's job record says BatchFlag=0, and a preemption exits 75 as a local
+    run does, asking to run the same command again."""
+    args = demo_overrides(demo_assets, tmp_path / "out")
+    proc = subprocess.Popen(
+        ["salloc", "--nodes=1", f"--cpus-per-task={slurm_cluster.cpus}", "bash", "scripts/launch.sh", "demo", *args],
+        cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.05)
+        os.kill(int(children.split()[0]), signal.SIGUSR1)  # salloc's child: the launcher, still starting
+        out, _ = proc.communicate(timeout=SBATCH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    assert "an interactive allocation (salloc/srun, BatchFlag=0) is never requeued" in out
+    assert "PREEMPTED: before training started, nothing to save; run the same command again to resume" in out
+    assert "requeueing" not in out and "scontrol requeue" not in out
+
+
+def test_cluster_unavailable_fails_in_ci_and_as_root(monkeypatch):
+    for ci, uid, outcome in (("true", 1000, pytest.fail.Exception), ("", 0, pytest.fail.Exception),
+                             ("", 1000, pytest.skip.Exception)):  # fmt: skip
+        monkeypatch.setenv("CI", ci)
+        monkeypatch.setattr(os, "geteuid", lambda uid=uid: uid)
+        with pytest.raises(outcome, match="its daemons run as root"):
+            cluster_unavailable("its daemons run as root")
