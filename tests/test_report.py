@@ -57,7 +57,11 @@ def test_held_out_figures_equal_a_recomputation_on_the_final_model(demo_run, dem
     split = json.loads((output_dir / "eval_split.json").read_text())
     state = json.loads((output_dir / "trainer_state.json").read_text())
     evals = [e for e in state["log_history"] if "eval_loss" in e]
-    assert [e["step"] for e in evals] == [4, state["global_step"]]  # every eval_steps (4) and after the last step
+    # At the start (eval_on_start), every eval_steps (4) and after the last step.
+    assert [e["step"] for e in evals] == [0, 4, state["global_step"]]
+    # Step 0: the policy is still the reference, whose cached log-probs the eval rows carry (each rank its own share).
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert evals[0]["eval_rewards_norm/margins"] == pytest.approx(0.0, abs=1e-5)
     final = evals[-1]
     assert final["eval_pairs"] == split["eval_pairs"] == len(split["pair_ids"]) > 0
 
