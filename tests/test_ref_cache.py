@@ -8,6 +8,7 @@ Run as a script (`torchrun --nproc_per_node 2 tests/test_ref_cache.py OUT CACHE`
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,13 @@ def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
     reused = ref_cache.load_or_compute(dataset, must_not_run, cache, KEY, accelerator, batch_size=3)
     np.testing.assert_array_equal(columns(reused), np.asarray(result["values"]))
 
+    # The shards of the preempted 2-rank pass, finished by a job of another world size (1): only the missing rows.
+    calls = []
+    finished = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), out / "stopped_cache", KEY,
+                                         accelerator, batch_size=3)  # fmt: skip
+    assert sum(calls) == N_ROWS - sum(first)
+    np.testing.assert_allclose(columns(finished), expected, rtol=1e-5, atol=1e-4)
+
 
 def _worker(out: Path, cache: Path) -> None:
     from accelerate import Accelerator, PartialState
@@ -285,6 +293,9 @@ def _worker(out: Path, cache: Path) -> None:
     except Preempted as e:
         preempted = str(e)
     rows_before_stop = sum(calls)
+    acc.wait_for_everyone()
+    if acc.is_main_process:  # the shards as a preempted 2-rank job leaves them, for a 1-process job to finish
+        shutil.copytree(cache, out / "stopped_cache")
     calls.clear()
     dataset = ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2)
     result = {
