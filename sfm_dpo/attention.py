@@ -1,4 +1,4 @@
-"""Variable-length attention for the padding-free packed forward (issue 6, items 1 and 5).
+"""Variable-length attention for the padding-free packed forward.
 
 Several sequences are packed into one row `[1, T]`; each attends only to itself (and, on sliding-window layers, to
 its last `sliding_window` tokens). The sequence boundaries reach the attention function as transformers'
