@@ -269,7 +269,6 @@ def normalize_dataset(
             out.update({c: row.get(c) for c in METADATA_COLUMNS if c in first})
         out["invalid_reason"] = fault
         out["is_degenerate"] = not fault and pair["chosen"] == pair["rejected"]
-        out[PAIR_ID_COLUMN] = pair_id(pair)
         return out
 
     keep = [c for c in METADATA_COLUMNS if c in dataset.column_names]
@@ -401,6 +400,9 @@ def prepare_dataset(script_args, training_args, tokenizer) -> tuple[datasets.Dat
     num_proc = training_args.dataset_num_proc
     normalized = normalize_dataset(
         raw, report, script_args.skip_invalid_rows, script_args.keep_degenerate_pairs, num_proc=num_proc
+    )
+    normalized = normalized.map(
+        lambda row: {PAIR_ID_COLUMN: pair_id(row)}, num_proc=num_proc, desc="Identifying pairs (held-out split)"
     )
     tokenized = tokenize_dataset(
         normalized,
