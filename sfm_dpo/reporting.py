@@ -74,7 +74,8 @@ def summary_text(summary: dict) -> str:
     for key, (first, last) in summary["first_and_last"].items():
         lines.append(f"  {key}: first logged {first:.4f} -> last logged {last:.4f}")
     if summary.get("held_out"):
-        lines.append(f"  held-out pairs: {summary['held_out_pairs']} (eval_split.json), evaluated:")
+        count = summary.get("held_out_pairs")  # None when summarized from a checkpoint
+        lines.append(f"  held-out pairs{f': {count}' if count else ''} (eval_split.json), evaluated:")
         for key, (first, last) in summary["held_out"].items():
             lines.append(f"    {key}: first {first:.4f} -> last {last:.4f}")
     lines.append(f"  model saved to: {summary['output_dir']}")
