@@ -28,7 +28,7 @@ import torch
 
 from tests.multinode_cluster import multinode_cluster  # noqa: F401  (the fixture)
 from tests.slurm_cluster import _free_port
-from tests.test_slurm import demo_overrides, final_weights, finish, job_id_of, sbatch
+from tests.test_slurm import SBATCH_TIMEOUT, demo_overrides, final_weights, job_id_of, sbatch
 
 pytestmark = pytest.mark.multinode
 
@@ -59,15 +59,26 @@ def submit_two_node_job(cluster, assets: dict, output_dir: Path):
     return proc, job_id_of(proc)
 
 
-def wait_for_training(proc, job_id: str, timeout: float = 300) -> Path:
-    log_path = REPO / "logs" / f"think-{job_id}.out"
+def job_log(job_id: str) -> str:
+    """The job's log. srun interleaves the nodes' output in chunks that may split a UTF-8 character (tqdm's bars)."""
+    path = REPO / "logs" / f"think-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else f"(no log {path})"
+
+
+def wait_for_training(proc, job_id: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while "'loss'" not in (log_path.read_text() if log_path.exists() else ""):  # step 1 is logged: training runs
-        assert time.monotonic() < deadline and proc.poll() is None, (
-            log_path.read_text() if log_path.exists() else f"no {log_path}"
-        )
+    while "'loss'" not in job_log(job_id):  # step 1 is logged: training runs
+        assert time.monotonic() < deadline and proc.poll() is None, job_log(job_id)
         time.sleep(0.25)
-    return log_path
+
+
+def finish(proc, job_id: str) -> tuple[int, str]:
+    try:
+        proc.wait(timeout=SBATCH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, job_log(job_id)
 
 
 @pytest.fixture(scope="module")
