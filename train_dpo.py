@@ -267,7 +267,7 @@ def close_run(status, step, make_summary, training_args, push_to_hub) -> int:
             status.end("failed", message)
             return PUSH_FAILED_EXIT_CODE
         status.record("push", step, repo=hub_model_id, commit=commit)
-        logger.info("Pushed to https://huggingface.co/%s", hub_model_id)
+        logger.info("Pushed to %s: %s", hub_model_id, commit)
     pushed = f" and pushed to {hub_model_id}" if push_to_hub else ""
     status.end("done", f"final model of step {step} saved in {output_dir}{pushed}")
     return 0

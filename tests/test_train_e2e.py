@@ -11,6 +11,8 @@ torchtune recipe tests). A sweep of two learning rates without --output_dir trai
 job in one of them and another run pointed at it are refused.
 """
 
+import base64
+import http.server
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +33,11 @@ from tests.conftest import REPO
 SECRETS = {"HF_TOKEN": "hf_TESTSECRETtoken123456", "WANDB_API_KEY": "wandbTESTSECRETkey987654"}
 
 
-def launch(demo_assets, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(demo_assets, output_dir: Path, *extra: str, hub: str | None = None) -> subprocess.CompletedProcess:
+    """`hub`: the endpoint of a local Hub (`local_hub`) to push to; without it the Hub is offline."""
     env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "CPU_PROCESSES": "2"}
+    if hub:
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub)
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
     cmd = [
         "bash", "scripts/launch.sh", "demo",
@@ -138,6 +144,85 @@ def test_a_failed_push_is_retried_without_training(first_run, demo_assets):
     assert not (output_dir / "checkpoint-7").exists()
     assert (status_of(output_dir)["state"], status_of(output_dir)["stage"]) == ("failed", "push")
     _no_secret_anywhere(output_dir, first, result)
+
+
+class _LocalHub(http.server.BaseHTTPRequestHandler):
+    """Stands in for the Hub on 127.0.0.1, speaking the part of its HTTP API that huggingface_hub's upload_folder
+    uses: whoami, repo creation, model card validation, preupload (every file as a regular git blob, so no LFS or Xet
+    transfer) and the ndjson commit, whose files it records (server.files: path -> bytes)."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.startswith("/api/whoami-v2"):
+            return self._reply({"name": "test-org", "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+        self.send_error(404)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/api/repos/create":
+            repo = json.loads(body)
+            return self._reply({"url": f"http://{self.headers['Host']}/{repo['organization']}/{repo['name']}"})
+        if self.path == "/api/validate-yaml":  # the model card's metadata
+            return self._reply({"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                     for f in json.loads(body)["files"]]  # fmt: skip
+            return self._reply({"files": files})
+        if "/commit/" in self.path:
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.server.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            repo = self.path.removeprefix("/api/models/").split("/commit/")[0]
+            return self._reply(
+                {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40}
+            )
+        self.send_error(404)
+
+
+@pytest.fixture
+def local_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LocalHub)
+    server.files = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_rerun_pushes_what_a_failed_push_left(first_run, demo_assets, local_hub):
+    """The Hub reachable again: the same command trains nothing and pushes the final model; the upload holds the
+    model, tokenizer, card and summaries only, and no secret."""
+    output_dir, _ = first_run
+    result = launch(
+        demo_assets, output_dir, "--max_steps", "6", "--push_to_hub", "true", "--hub_model_id", "test-org/tiny-DPO",
+        hub=f"http://127.0.0.1:{local_hub.server_address[1]}",
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "nothing to train" in log and "Pushed to" in log and "DONE" in log
+    status = status_of(output_dir)
+    assert (status["state"], status["stages"]["push"]["repo"], status["stages"]["push"]["step"]) == (
+        "done", "test-org/tiny-DPO", 6,
+    )  # fmt: skip
+    assert set(local_hub.files) == {
+        "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
+        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
+    }  # fmt: skip
+    assert local_hub.files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
+    for value in SECRETS.values():
+        assert not any(value.encode() in blob for blob in local_hub.files.values())
 
 
 def test_resumes_from_the_newest_complete_checkpoint(first_run, demo_assets):
