@@ -20,7 +20,8 @@ at start-up with the holder's host, pid and job id. flock dies with the process,
 node-local on some cluster filesystems (Lustre `localflock`, BeeGFS by default) and unsupported on others (Lustre
 without `flock`): the holder therefore also refreshes a heartbeat in `run_owner.json` every `HEARTBEAT_S`, and a job
 on another host refuses while that heartbeat is younger than `STALE_S`, whatever flock said. A requeued life of the
-same Slurm job (same job id: Slurm runs one life at a time) takes over at once.
+same Slurm job (same job id: Slurm runs one life at a time) takes the folder over: at once, or, when the dead life's
+flock lingers (NFS keeps a lost client's locks until its lease expires), after waiting up to `STALE_S` for it.
 """
 
 import enum
@@ -256,6 +257,8 @@ def _owner_record() -> dict:
 
 
 def _describe(owner: dict) -> str:
+    if not owner:
+        return "another job (starting: it has not recorded its host and pid yet)"
     job = f"Slurm job {owner['job_id']}" if owner.get("job_id") else "a job outside Slurm"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     return f"{job} on host {owner.get('host')} (pid {owner.get('pid')}, since {started})"
@@ -285,10 +288,10 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             owner = self._read_owner() or {}
+            cancel = f" or cancel it (scancel {owner['job_id']})" if owner.get("job_id") else ""
             raise RunConflict(
                 f"{self.folder} is in use by {_describe(owner)}: two jobs in one folder would resume each other's "
-                f"checkpoints. Wait for it to end{' or cancel it (scancel ' + owner['job_id'] + ')' if owner.get('job_id') else ''}, "
-                "or pass another --output_dir."
+                f"checkpoints. Wait for it to end{cancel}, or pass another --output_dir."
             ) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
