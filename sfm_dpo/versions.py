@@ -1,9 +1,11 @@
 """The Python and package versions this code runs with, checked by every entry point before its heavy imports.
 
 An unsupported environment then stops with one line that says what to install, instead of an ImportError deep in
-TRL (trl < 1.15 has no `add_fused_lm_head`) or a SyntaxError from a package that needs a newer Python.
+TRL (trl < 1.15 has no `add_fused_lm_head`; 1.15's needs Triton, absent from CPU builds of torch) or a SyntaxError
+from a package that needs a newer Python.
 
     python -m sfm_dpo.versions          # exit 0 and silent when this environment can train; else one line, exit 3
+    python3 -m sfm_dpo.versions --python   # the interpreter only
 
 This module imports only the standard library and keeps to Python 3.8 syntax: an old interpreter must be able to
 import it to be told that it is too old. The bounds are requirements.txt's (a test keeps the two equal).
@@ -21,7 +23,7 @@ ALLOW_UNTESTED_ENV = "SFM_ALLOW_UNTESTED_VERSIONS"  # "1": a version above the t
 REQUIREMENTS = (
     ("torch", "2.9", "2.16", "the packed attention backends and torch.compile of the layers"),
     ("transformers", "5.23", "6", "the recipes' activation_checkpointing, Trainer.loss_is_scaled_for_ga"),
-    ("trl", "1.15", "2", "trl.trainer.utils.add_fused_lm_head, the fast path's log-prob head"),
+    ("trl", "1.16", "2", "trl.trainer.utils.add_fused_lm_head, the fast path's log-prob head (1.15's needs Triton)"),
     ("accelerate", "1.15", "2", "the accelerate launch and DeepSpeed plugin transformers 5.23+ drive"),
     ("deepspeed", "0.18", "0.20", "ZeRO-2, the tested range"),
     ("datasets", "4.7", None, "TRL's own floor"),
@@ -72,7 +74,7 @@ def installed_versions(names):
 
 
 def spec(name):
-    """requirements.txt's bounds of `name`, e.g. `>=1.15,<2`."""
+    """requirements.txt's bounds of `name`, e.g. `>=1.16,<2`."""
     low, high = next((low, high) for n, low, high, _ in REQUIREMENTS if n == name)
     return f">={low},<{high}" if high else f">={low}"
 
@@ -85,7 +87,7 @@ def find_problems(python, installed, allow_untested=False):
     if tuple(python[:2]) < MIN_PYTHON:
         this = ".".join(str(p) for p in python[:3])
         return (
-            f"sfm-post-training needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} (as do trl >= 1.15 and transformers "
+            f"sfm-post-training needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} (as do trl >= 1.16 and transformers "
             f">= 5.23), this is Python {this} ({sys.executable}). Create a Python 3.11+ environment: {SETUP_HINT}",
             [],
         )
@@ -130,4 +132,5 @@ def require_supported(packages=TRAINING):
 
 
 if __name__ == "__main__":
-    require_supported()
+    # `--python`: the interpreter only (the Makefile asks before it creates the venv, when nothing is installed yet).
+    require_supported(() if sys.argv[1:] == ["--python"] else TRAINING)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUPPORTED = {
     "torch": "2.9.1+cu128",
     "transformers": "5.23.0",
-    "trl": "1.15.0",
+    "trl": "1.16.0",
     "accelerate": "1.15.0",
     "deepspeed": "0.18.0",
     "datasets": "4.7.0",
@@ -63,7 +63,8 @@ def test_old_python_is_one_line_with_the_fix():
 @pytest.mark.parametrize(
     "name, version, needed",
     [
-        ("trl", "1.14.2", "trl>=1.15,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head"),
+        ("trl", "1.14.2", "trl>=1.16,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head"),
+        ("trl", "1.15.0", "trl>=1.16,<2 (found 1.15.0; needed for trl.trainer.utils.add_fused_lm_head"),
         ("transformers", "5.22.2", "transformers>=5.23,<6 (found 5.22.2; needed for the recipes' activation_check"),
         ("torch", "2.8.0+cu128", "torch>=2.9,<2.16 (found 2.8.0+cu128"),
         ("accelerate", "1.14.0", "accelerate>=1.15,<2 (found 1.14.0"),
@@ -79,7 +80,7 @@ def test_too_old_package_names_its_bound_and_the_install_line(name, version, nee
 
 def test_missing_packages_and_untested_newer_ones():
     message, _ = find_problems((3, 11, 7), {**SUPPORTED, "torch": None, "trl": None})
-    assert "torch>=2.9,<2.16 (not installed), trl>=1.15,<2 (not installed)" in message
+    assert "torch>=2.9,<2.16 (not installed), trl>=1.16,<2 (not installed)" in message
     assert "CUDA build of torch first" in message and "--index-url https://download.pytorch.org/whl/cu128" in message
 
     newer = {**SUPPORTED, "torch": "2.16.0"}
@@ -94,7 +95,7 @@ def test_missing_packages_and_untested_newer_ones():
     )
     # Too old stays an error whatever the override.
     message, _ = find_problems((3, 11, 7), {**newer, "trl": "1.14.2"}, allow_untested=True)
-    assert "trl>=1.15,<2 (found 1.14.2" in message
+    assert "trl>=1.16,<2 (found 1.14.2" in message
 
 
 def test_installers_see_the_same_floor():
@@ -181,7 +182,7 @@ def test_entry_points_with_an_old_trl_print_one_line_and_exit_3(tmp_path):
         run = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
         assert run.returncode == ENVIRONMENT_EXIT_CODE, (args, run.stderr)
         assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, (args, run.stderr)
-        assert "trl>=1.15,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head" in run.stderr
+        assert "trl>=1.16,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head" in run.stderr
 
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
