@@ -5,6 +5,12 @@ on a tiny random GPT-NeoX causal LM, single process, fp32 on the CPU: seconds pe
 """
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +30,7 @@ from sfm_dpo.checkpoints import (
 from sfm_dpo.nonfinite import NonFiniteGuardMixin
 from sfm_dpo.tiny import build_tiny_model
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
 # Not gpt_neox: transformers 5.24 resumes a plain-Trainer (non-DeepSpeed) GPT-NeoX checkpoint without its head
 # ("missing keys: lm_head.weight, unexpected: embed_out.weight"); under DeepSpeed the engine loads its own state.
@@ -208,3 +215,160 @@ def test_manifest_digests_small_files_whole_and_large_ones_at_both_ends(tmp_path
     assert checkpoints.verify(folder) == [
         "global_step1/shard.pt differs from what was saved (its first and last 4096 bytes, sha256)"
     ]
+
+
+KILL_RANKS = r"""
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import torch
+from transformers import TrainerCallback
+from sfm_dpo.checkpoints import MARKER, latest_complete_checkpoint
+from tests.test_checkpoints import GuardedTrainer, tiny_trainer, weights
+
+out, mode, rank = Path(sys.argv[1]), sys.argv[2], int(os.environ["RANK"])
+fsynced = []  # [path, whether its checkpoint had the marker at that moment]
+real_fsync = os.fsync
+def recording_fsync(fd):
+    path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    folder = next((p for p in [path, *path.parents] if p.name.startswith("checkpoint-")), None)
+    fsynced.append([str(path), folder is not None and (folder / MARKER).exists()])
+    real_fsync(fd)
+os.fsync = recording_fsync
+
+class KillRankOneWhileSaving(GuardedTrainer):
+    def _save_rng_state(self, output_dir):  # model and this rank's ZeRO shard written, RNG and state not
+        if mode == "kill" and rank == 1 and self.state.global_step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._save_rng_state(output_dir)
+
+class Probe(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if rank == 0 and 3 <= state.global_step <= 6:
+            torch.save(weights(model), out / f"{mode}-weights-{state.global_step}.pt")
+    def on_save(self, args, state, control, **kwargs):
+        (out / f"{mode}-fsync{rank}.json").write_text(json.dumps(fsynced))
+
+checkpoint = latest_complete_checkpoint(out / "run") if mode == "resume" else None
+trainer = tiny_trainer(
+    out / "run", trainer_cls=KillRankOneWhileSaving, callbacks=[Probe()], max_steps=8, save_steps=2, save_total_limit=3
+)
+trainer.train(resume_from_checkpoint=checkpoint)
+(out / f"{mode}-rank{rank}.json").write_text(json.dumps({"checkpoint": checkpoint, "step": trainer.state.global_step}))
+"""
+
+
+def _launch_two_ranks(script, out: Path, mode: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
+    with socket.socket() as s:  # other test sessions may share this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
+            str(script), str(out), mode, str(REPO),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def killed_while_saving(tmp_path_factory):
+    """2 DeepSpeed ZeRO-2 ranks (accelerate launch, gloo on the CPU) checkpoint at steps 2 and 4; rank 1 is killed
+    (SIGKILL) in the middle of the save of step 6. A copy of checkpoint-2 is kept aside for the world-size tests."""
+    out = tmp_path_factory.mktemp("killed")
+    script = out / "ranks.py"
+    script.write_text(KILL_RANKS)
+    result = _launch_two_ranks(script, out, "kill")
+    shutil.copytree(out / "run" / "checkpoint-2", out / "saved-by-2-ranks" / "checkpoint-2")
+    return out, script, result
+
+
+def test_every_rank_fsyncs_its_files_before_the_marker(killed_while_saving):
+    out, _, _ = killed_while_saving
+    checkpoint = out / "run" / "checkpoint-4"
+    files = json.loads((checkpoint / MARKER).read_text())["files"]
+    assert json.loads((checkpoint / MARKER).read_text())["world_size"] == 2
+    written_by = {
+        0: ["model.safetensors", "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_state_0.pth"],
+        1: ["global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_1.pth"],
+    }
+    for rank, names in written_by.items():
+        fsynced = {path: marked for path, marked in json.loads((out / f"kill-fsync{rank}.json").read_text())}
+        for name in names:
+            assert name in files, name
+            path = str(checkpoint / name)
+            assert path in fsynced and not fsynced[path], (rank, name)  # flushed, and before the marker existed
+        assert str(checkpoint / "global_step4") in fsynced and str(checkpoint) in fsynced  # the folders, too
+
+
+def test_kill_9_of_one_rank_while_saving_then_resume_skips_the_broken_checkpoints(killed_while_saving):
+    """The killed save (step 6) has no marker; checkpoint-4, complete, then gets a truncated ZeRO shard (a node crash
+    in the write-back window): the resumed job takes checkpoint-2 and retrains steps 3-6 to the very weights of the
+    first job."""
+    out, script, killed = killed_while_saving
+    log = killed.stdout + killed.stderr
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in log, log[-3000:]
+    assert (out / "run" / "checkpoint-6").is_dir() and not is_complete(out / "run" / "checkpoint-6")
+    assert is_complete(out / "run" / "checkpoint-4")
+    shard = out / "run" / "checkpoint-4" / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    resumed = _launch_two_ranks(script, out, "resume")
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-5000:]
+    assert f"Skipping checkpoint {out / 'run' / 'checkpoint-4'}" in log and "zero_pp_rank_1_mp_rank_00" in log
+    for rank in (0, 1):
+        got = json.loads((out / f"resume-rank{rank}.json").read_text())
+        assert got == {"checkpoint": str(out / "run" / "checkpoint-2"), "step": 8}, got
+    for step in (3, 4, 5, 6):
+        first, again = torch.load(out / f"kill-weights-{step}.pt"), torch.load(out / f"resume-weights-{step}.pt")
+        for name in first:
+            assert torch.equal(again[name], first[name]), (step, name)
+    assert [p.name for _, p in checkpoints._checkpoints(out / "run")] == [
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
+    assert all(checkpoints.verify(p) == [] for _, p in checkpoints._checkpoints(out / "run"))
+
+
+def test_a_resume_at_another_world_size_is_refused_before_loading(killed_while_saving, tmp_path):
+    out, _, _ = killed_while_saving
+    saved = out / "saved-by-2-ranks" / "checkpoint-2"
+    assert checkpoints.checkpoint_world_size(saved) == 2
+    checkpoints.check_world_size(saved, 2)
+    with pytest.raises(RuntimeError, match=r"saved by 2 processes .* this job runs 1\. .* Resume with 2 processes"):
+        checkpoints.check_world_size(saved, 1)
+    # A checkpoint whose marker does not record it: counted from the ZeRO shards.
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(saved, copy)
+    record = json.loads((copy / MARKER).read_text())
+    (copy / MARKER).write_text(json.dumps({**record, "world_size": None}))
+    assert checkpoints.checkpoint_world_size(copy) == 2
+    # A plain (not DeepSpeed) checkpoint resumes at any world size.
+    plain = tmp_path / "plain"
+    tiny_trainer(plain, max_steps=2, save_steps=2).train()
+    checkpoints.check_world_size(plain / "checkpoint-2", 4)
+
+
+def test_train_dpo_refuses_another_world_size_before_loading_anything(killed_while_saving, demo_assets, tmp_path):
+    """train_dpo.py as one process on an output folder whose checkpoint 2 DeepSpeed ranks saved: a clear error at
+    start-up, before the data preparation and the model load (DeepSpeed would fail only inside its checkpoint load)."""
+    out, _, _ = killed_while_saving
+    output_dir = tmp_path / "run"
+    shutil.copytree(out / "saved-by-2-ranks" / "checkpoint-2", output_dir / "checkpoint-2")
+    result = subprocess.run(
+        [
+            sys.executable, "train_dpo.py", "--config", "configs/demo.yaml",
+            "--model_name_or_path", str(demo_assets["model"]), "--dataset_name", str(demo_assets["think"]),
+            "--output_dir", str(output_dir),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert f"Cannot resume from {output_dir / 'checkpoint-2'}: it was saved by 2 processes" in log, log[-3000:]
+    assert "this job runs 1" in log and "Resume with 2 processes" in log
+    assert "B parameters" not in log and not (output_dir / "data_report.json").exists()

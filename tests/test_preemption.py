@@ -1,12 +1,15 @@
 """PreemptionCallback: SIGUSR1 -> checkpoint at the next step end, stop, requeue marker; resume gives the same weights.
 
 Also the 2-rank DeepSpeed ZeRO-2 job (real `accelerate launch`, gloo on the CPU) that checks what only shows with
-several ranks: a signal that reaches one rank stops both at the same step, and a NaN loss on one rank skips the step
-(DeepSpeed's overflow check) on both. The full Slurm path (launcher, srun, requeue) is in test_slurm.py.
+several ranks: two signals that reach one rank while a periodic checkpoint is written stop both after it, with no
+second save, and a NaN loss on one rank skips the step (DeepSpeed's overflow check) on both. The full Slurm path
+(launcher, srun, requeue) is in test_slurm.py.
 """
 
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -171,23 +174,29 @@ from tests.test_checkpoints import GuardedTrainer, tiny_trainer, weights
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
 
 class RankOnePoison(GuardedTrainer):
+    saves = []
     def compute_loss(self, model, inputs, *args, **kwargs):
         loss = super().compute_loss(model, inputs, *args, **kwargs)
         if rank == 1 and self.state.global_step + 1 == 2:  # NaN loss (and gradients) on rank 1, step 2
             loss = loss * float("nan")
         return loss
+    def _save_checkpoint(self, model, trial):
+        self.saves.append(self.state.global_step)
+        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if rank == 1 and self.state.global_step == 4:  # only rank 1, twice, while the periodic save of step 4 runs
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        super()._save_optimizer_and_scheduler(output_dir)
 
 class Probe(TrainerCallback):
     snaps = {}
-    def on_step_begin(self, args, state, control, **kwargs):
-        if rank == 1 and state.global_step + 1 == 4:  # only rank 1 is signalled, during step 4
-            os.kill(os.getpid(), signal.SIGUSR1)
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.snaps[state.global_step] = weights(model)
 
 preemption, probe = PreemptionCallback(), Probe()
 trainer = tiny_trainer(
-    out / "run", trainer_cls=RankOnePoison, callbacks=[probe, preemption], max_steps=8, save_steps=100
+    out / "run", trainer_cls=RankOnePoison, callbacks=[probe, preemption], max_steps=8, save_steps=4
 )
 trainer.train()
 same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
@@ -200,11 +209,12 @@ engine = trainer.model_wrapped
     "nonfinite_steps": trainer.nonfinite_steps,
     "preempted": preemption.preempted,
     "stopped_at": trainer.state.global_step,
+    "saves": trainer.saves,
 }))
 """
 
 
-def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
+def test_two_deepspeed_zero2_ranks_agree_on_preemption_during_a_save_and_nan_skip(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
@@ -223,8 +233,10 @@ def test_two_deepspeed_zero2_ranks_agree_on_preemption_and_nan_skip(tmp_path):
         assert got["engine"] == "DeepSpeedEngine" and got["stage"] == 2, got
         # DeepSpeed's overflow check skipped the step everywhere; our guard counted it on both ranks.
         assert got["nan_step_skipped"] and got["next_step_trained"] and got["nonfinite_steps"] == 1, got
-        # Rank 0 never got the signal but stopped at the same step.
-        assert got["preempted"] and got["stopped_at"] == 4, got
+        # Rank 0 never got the signals but stopped at the same step; the periodic checkpoint they came during served,
+        # no second one was written at the next step end.
+        assert got["preempted"] and got["stopped_at"] == 4 and got["saves"] == [4], got
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4"]
     assert is_complete(tmp_path / "run" / "checkpoint-4")
     assert (tmp_path / "marker").read_text() == "4\n"
 
@@ -262,3 +274,89 @@ def test_local_launcher_stops_on_usr1_and_exits_for_a_rerun(demo_assets, tmp_pat
     assert latest_complete_checkpoint(output_dir) == str(output_dir / f"checkpoint-{step}")
     assert not (output_dir / "model.safetensors").exists()  # no final save for a preempted run
     assert "ChildFailedError" not in log
+
+
+# train_dpo.main with SIGUSR1 sent to one rank (rank 1; the only process when not distributed) at the start of a stage,
+# as Slurm would: only the timing is arranged, the handler, the checks and the requeue are train_dpo's own.
+STAGE_SIGNAL = r"""
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+stage, rank = sys.argv.pop(1), int(os.environ.get("RANK", "1"))
+import train_dpo
+from sfm_dpo import fast_path
+from sfm_dpo.config import make_parser
+
+def signalled(fn):
+    def wrapped(*args, **kwargs):
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+if stage == "data preparation":
+    train_dpo.prepare_dataset = signalled(train_dpo.prepare_dataset)
+elif stage == "reference pass":  # each forward of the pass, on rank 1
+    real = fast_path.reference_logps_fn
+    fast_path.reference_logps_fn = lambda *args, **kwargs: signalled(real(*args, **kwargs))
+sys.exit(train_dpo.main(*make_parser().parse_args_and_config()))
+"""
+
+
+def _train_dpo(demo_assets, tmp_path, output_dir, stage: str | None, processes: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "stage_signal.py"
+    script.write_text(STAGE_SIGNAL)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
+    env[REQUEUE_MARKER_ENV] = str(tmp_path / "marker")
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += [
+            "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+            "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port()),
+        ]  # fmt: skip
+    args = [
+        "--config", "configs/demo.yaml", "--model_name_or_path", str(demo_assets["model"]),
+        "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir), "--max_train_samples", "96",
+        "--max_steps", "3", "--save_steps", "100", "--logging_steps", "1",
+    ]  # fmt: skip
+    return subprocess.run(
+        [*launcher, str(script), stage or "none", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+
+
+def test_usr1_during_data_preparation_stops_at_the_boundary_and_requeues(demo_assets, tmp_path):
+    """One process: the signal during the data preparation stops the job at the next stage boundary, before the
+    reference pass, with the requeue marker and exit 0."""
+    output_dir = tmp_path / "run"
+    result = _train_dpo(demo_assets, tmp_path, output_dir, "data preparation", processes=1)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert (
+        tmp_path / "marker"
+    ).read_text() == "stopped during the model load and the data preparation, nothing lost\n"
+    assert "Reference log-probs" not in log and "Running training" not in log
+    assert not list(output_dir.glob("checkpoint-*"))
+
+
+def test_usr1_during_the_reference_pass_keeps_its_rows_and_the_requeued_job_trains(demo_assets, tmp_path):
+    """2 DeepSpeed ZeRO-2 ranks, the signal on rank 1 during the reference pass: both stop there (no step, no
+    checkpoint), with the requeue marker and exit 0; the finished rows are kept, and the next launch computes only the
+    rest and trains from step 1 = ln 2 (the kept reference values are right)."""
+    output_dir = tmp_path / "run"
+    stopped = _train_dpo(demo_assets, tmp_path, output_dir, "reference pass", processes=2)
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0, log[-5000:]
+    assert (tmp_path / "marker").read_text() == "stopped during reference pass, nothing lost\n"
+    kept = re.search(r"Reference pass stopped for preemption: (\d+) of (\d+) rows are kept", log)
+    assert kept and 0 < int(kept.group(1)) < int(kept.group(2)), log[-5000:]
+    assert "Running training" not in log and not list(output_dir.glob("checkpoint-*"))
+    (tmp_path / "marker").unlink()
+
+    resumed = _train_dpo(demo_assets, tmp_path, output_dir, None, processes=2)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-5000:]
+    assert f"recovered {kept.group(1)} rows from the shards of an earlier run" in log, log[-5000:]
+    summary = json.loads((output_dir / "run_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["world_size"] == 2
+    assert summary["first_and_last"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert not (tmp_path / "marker").exists()
