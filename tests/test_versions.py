@@ -26,7 +26,7 @@ SUPPORTED = {
     "transformers": "5.23.0",
     "trl": "1.16.0",
     "accelerate": "1.15.0",
-    "deepspeed": "0.18.0",
+    "deepspeed": "0.19.0",
     "datasets": "4.7.0",
 }
 ENTRY_POINTS = (["train_dpo.py", "--help"], ["scripts/analyze_dataset.py", "--help"], ["-m", "sfm_dpo.versions"])
@@ -68,7 +68,7 @@ def test_old_python_is_one_line_with_the_fix():
         ("transformers", "5.22.2", "transformers>=5.23,<6 (found 5.22.2; needed for the recipes' activation_check"),
         ("torch", "2.8.0+cu128", "torch>=2.9,<2.16 (found 2.8.0+cu128"),
         ("accelerate", "1.14.0", "accelerate>=1.15,<2 (found 1.14.0"),
-        ("deepspeed", "0.17.6", "deepspeed>=0.18,<0.20 (found 0.17.6"),
+        ("deepspeed", "0.18.0", "deepspeed>=0.19,<0.20 (found 0.18.0; needed for ZeRO-2 (under 0.18"),
         ("datasets", "4.6.1", "datasets>=4.7 (found 4.6.1"),
     ],
 )
