@@ -39,8 +39,9 @@ NODES = 2
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# sfm-multinode-test"
 TOOLS = ("ip", "nsenter", "unshare", "hostname")
-# The single-node settings that name the node or its address; everything else of SLURM_CONF is kept.
-PER_NODE_KEYS = ("SlurmctldHost", "SlurmdSpoolDir", "SlurmdPidFile", "SlurmdLogFile", "NodeName")
+# The single-node settings replaced here (those that name the node or its address, and slurmd's log level); everything
+# else of SLURM_CONF is kept.
+PER_NODE_KEYS = ("SlurmctldHost", "SlurmdSpoolDir", "SlurmdPidFile", "SlurmdLogFile", "SlurmdDebug", "NodeName")
 
 
 def _sh(*argv: str) -> None:
@@ -85,6 +86,8 @@ def multinode_conf(single_node_conf: str, controller: str, root: Path, nodes: di
         f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmdPidFile={root}/slurmd-%n.pid",
         f"SlurmdLogFile={root}/slurmd-%n.log",
+        # debug: each node's slurmd logs the signals it delivers to a step's tasks ("Sent signal 10 to StepId=J.0").
+        "SlurmdDebug=debug",
     ]
     for node, address in nodes.items():
         kept.append(
@@ -252,6 +255,9 @@ class MultiNodeCluster(SlurmCluster):
         """The nodes' common state ("idle"), or all of their states when they differ."""
         states = set(self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split())
         return states.pop() if len(states) == 1 else " ".join(sorted(states))
+
+    def slurmd_log(self, node: str) -> str:
+        return (self.root / f"slurmd-{node}.log").read_text(errors="replace")
 
     def logs(self) -> str:
         names = ["munge/munged.log", "slurmctld.log", "slurmctld.stdout"]
