@@ -34,6 +34,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .preemption import any_rank
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -273,16 +275,19 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
         fsync_tree(folder)
         self.accelerator.wait_for_everyone()
+        problems = []
         if self.args.should_save:
             mark_complete(folder, world_size=self.args.world_size)
             problems = verify(folder)
             if problems:
                 unmark(folder)
-                raise RuntimeError(
-                    f"Checkpoint {folder} does not read back as written ({'; '.join(problems[:5])}): the filesystem "
-                    "lost data. The previous checkpoints are kept; check the disk (quota, errors) before resuming."
-                )
-            remove_incomplete(run_dir)
-            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
-            logger.info("Checkpoint %s complete", folder)
-        self.accelerator.wait_for_everyone()
+                logger.error("Checkpoint %s does not read back as written: %s", folder, "; ".join(problems[:5]))
+            else:
+                remove_incomplete(run_dir)
+                rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
+                logger.info("Checkpoint %s complete", folder)
+        if any_rank(bool(problems)):  # every rank stops, none waits for rank 0 in the next collective
+            raise RuntimeError(
+                f"Checkpoint {folder} does not read back as written (see the error above): the filesystem lost data. "
+                "The previous checkpoints are kept; check the disk (quota, errors) before resuming."
+            )

@@ -14,7 +14,7 @@ exit code, because `accelerate launch` turns any non-zero worker exit into its o
 Before training (the checks, the data preparation, the model load, the reference pass, DeepSpeed's start-up and the
 checkpoint load) there is no step end: `train_dpo.py` installs the handler first thing, and each stage boundary calls
 `PreemptionCallback.check(stage)`, which raises `Preempted(stage)` on every rank if any rank got the signal; the
-reference pass polls `PreemptionCallback.requested` and stops after its current shard (sfm_dpo/ref_cache.py).
+reference pass polls `PreemptionCallback.requested` and stops after its current batch (sfm_dpo/ref_cache.py).
 `requeue_on_preemption` turns a `Preempted` into the requeue marker and exit 0. Nothing done is lost: the data and
 the reference shards are cached, and the checkpoint that training resumes from is untouched.
 

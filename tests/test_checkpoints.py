@@ -372,3 +372,17 @@ def test_train_dpo_refuses_another_world_size_before_loading_anything(killed_whi
     assert f"Cannot resume from {output_dir / 'checkpoint-2'}: it was saved by 2 processes" in log, log[-3000:]
     assert "this job runs 1" in log and "Resume with 2 processes" in log
     assert "B parameters" not in log and not (output_dir / "data_report.json").exists()
+
+
+def test_a_new_checkpoint_that_does_not_read_back_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The previous checkpoint is rotated away only once the new one matches its manifest: a read-back failure
+    (injected: the filesystem is assumed to have lost a file) unmarks the new one, keeps the old, and stops the run."""
+    out = tmp_path / "run"
+    real_verify = checkpoints.verify
+    monkeypatch.setattr(
+        checkpoints, "verify", lambda c: ["optimizer.pt is missing"] if str(c).endswith("-4") else real_verify(c)
+    )
+    with pytest.raises(RuntimeError, match=r"checkpoint-4 does not read back as written"):
+        tiny_trainer(out, max_steps=6, save_steps=2, save_total_limit=1).train()
+    assert not is_complete(out / "checkpoint-4")
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")
