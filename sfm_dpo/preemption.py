@@ -92,8 +92,8 @@ def requeue_on_preemption(main):
         try:
             return main(*args, **kwargs)
         except Preempted as stop:
-            logger.warning("Stopped for preemption during %s, before any new checkpoint was needed; the requeued job "
-                           "continues from what is saved.", stop.stage)  # fmt: skip
+            logger.warning("Stopped for preemption during %s, before training had anything new to checkpoint; the "
+                           "requeued job goes on from what is kept (caches, the last checkpoint).", stop.stage)  # fmt: skip
             request_requeue(f"stopped during {stop.stage}, nothing lost")
             return 0
 
