@@ -1,4 +1,4 @@
-"""Stock TRL DPOTrainer (seed configuration) against this repo's fast path, same GPU, model and data (issue 6).
+"""Stock TRL DPOTrainer (seed configuration) against this repo's fast path, same GPU, model and data.
 
     python bench/bench_dpo.py --arch olmo3_1.5b            # both paths, one JSON + a Markdown row in --out
     python bench/bench_dpo.py --arch tiny_gpt_neox --pairs 24 --steps 3 --warmup-steps 1   # CPU smoke test

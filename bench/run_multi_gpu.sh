@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 on an N-GPU device machine (device tool, carry .whl and .gpucheck): each argument is one phase.
+# The multi-GPU runs on an N-GPU device machine (device tool, carry .whl and .gpucheck): each argument is one phase.
 #   zero2:ARCH:MAX_LENGTH[:extra zero2_first_step.py flags]  one `accelerate launch` of N processes under
 #       accelerate_config.yaml (DeepSpeed ZeRO-2), bench/zero2_first_step.py; JSON in $OUT/results
 #   scaling:ARCH  the fast path under ZeRO-2 on 1 GPU and on N at the same global batch (32 pairs): first-step

@@ -1,6 +1,6 @@
 """Synthetic Dolci-Think-shaped preference data and random-init models of the benchmark shapes.
 
-Lengths are log-normal, fitted to the medians and 95th percentiles of allenai/Dolci-Think-DPO-7B (issue 6): chosen
+Lengths are log-normal, fitted to the medians and 95th percentiles of allenai/Dolci-Think-DPO-7B: chosen
 completions median 1,864 / p95 11,903 tokens, rejected 1,154 / 9,518, prompts median ~60 / p95 ~400 (the seed's
 114 / 793 counted the prompt twice). A log-normal with median m and p95 q has mu = ln m, sigma = (ln q - ln m) / 1.645.
 Each sequence (prompt + completion) is then cut to `max_length` by dropping the end of the completion, as
@@ -66,7 +66,7 @@ ARCHS = {
         type="olmo3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
         vocab_size=100278, sliding_window=4096,
     ),
-    # OLMo 3 7B's shape (issue 7).
+    # OLMo 3 7B's shape.
     "olmo3_7b": dict(
         type="olmo3", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
         vocab_size=100278, sliding_window=4096,

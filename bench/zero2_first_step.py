@@ -1,6 +1,6 @@
 """The fast path under DeepSpeed ZeRO-2 on N processes: the reference pass through `sfm_dpo.ref_cache` (data-parallel
 over the ranks), then `FastDPOTrainer` for a few steps at a fixed global batch (`--pairs-per-step`, 32); rank 0 writes the step
-losses, gradient norms, times and memory. Run at N = 1 and N = 2 and compare (issue 7: the first step's loss and
+losses, gradient norms, times and memory. Run at N = 1 and N = 2 and compare (the first step's loss and
 gradient norm agree between 1 GPU and N GPUs at the same global batch).
 
     accelerate launch --config_file accelerate_config.yaml --num_processes 2 bench/zero2_first_step.py \
@@ -145,7 +145,7 @@ def run(args) -> None:
     torch.cuda.reset_peak_memory_stats() if cuda else None
     try:
         trainer.train()
-    except torch.OutOfMemoryError as e:  # issue 7 asks by how much a shape misses: say it, with the peak so far
+    except torch.OutOfMemoryError as e:  # say by how much a shape misses, with the peak so far
         peak = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps({"rank": state.process_index, "world_size": state.num_processes, "arch": args.arch,
                           "max_length": args.max_length, "oom": str(e).splitlines()[0][:400],

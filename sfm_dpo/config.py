@@ -146,7 +146,9 @@ class ScriptArguments(trl.ScriptArguments):
         if self.recompute_layers not in ("auto", "all") and not (
             self.recompute_layers.isdigit() and int(self.recompute_layers) >= 0
         ):
-            raise ValueError(f"--recompute_layers must be auto, all or a number of layers, got {self.recompute_layers!r}.")
+            raise ValueError(
+                f"--recompute_layers must be auto, all or a number of layers, got {self.recompute_layers!r}."
+            )
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
         if not 0 <= self.eval_split_ratio < 1:

@@ -1,4 +1,4 @@
-"""`FastDPOTrainer`: `SFMDPOTrainer` on the padding-free packed forward with token-budget micro-batches (issue 6).
+"""`FastDPOTrainer`: `SFMDPOTrainer` on the padding-free packed forward with token-budget micro-batches.
 
 TRL's DPOTrainer stays the engine (Trainer loop, optimizer, DeepSpeed, checkpoints, TRL's fused LM head); only the
 data path and the forward change:

@@ -1,4 +1,4 @@
-"""Kernel-level speed-ups of the packed forward (issue 6): each decoder layer compiled by `torch.compile`.
+"""Kernel-level speed-ups of the packed forward: each decoder layer compiled by `torch.compile`.
 
 Between its matmuls and the attention kernel, an eager decoder layer runs a dozen memory-bound kernels per token block
 (layer norm in float32 under autocast, rotary embedding with its float32 cos/sin, bias + GELU or SwiGLU, residual

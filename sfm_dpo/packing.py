@@ -1,4 +1,4 @@
-"""Padding-free packed DPO forward (issue 6, items 1 and 4).
+"""Padding-free packed DPO forward.
 
 The chosen and rejected sequences (prompt + completion) of several pairs go into one row `[1, T]`, in the order
 chosen_0, rejected_0, chosen_1, rejected_1, ...; position ids restart at 0 for each sequence and the attention backend
@@ -177,7 +177,7 @@ def reference_logps_fn(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Token-budget batching (issue 6, item 2)
+# Token-budget batching
 #
 # One optimizer step = `pairs_per_step` pairs (the recipe's effective batch, 128), each pair in a random step as with
 # the stock sampler, but stratified by length (`stratified_order`: one pair of every length stratum per step), so all
