@@ -11,7 +11,7 @@
 # path; default "default"), VENV (virtualenv to activate; default .venv; "none" to keep the current environment),
 # GPUS_PER_NODE (override the GPU count), CPU_PROCESSES (processes of the CPU fallback, default 2), MASTER_PORT,
 # OUTPUT_ROOT (a big filesystem: outputs/ becomes a link to it), SFM_CUDA_DEVICES (skip probing, trust this count),
-# PREEMPT_RESEND_S (how often a pending SIGUSR1 is re-sent to workers that may not handle it yet; default 30),
+# PREEMPT_RESEND_S (how often a pending SIGUSR1 is offered again to workers that had no handler yet; default 5),
 # SFM_REQUEUE_BACKOFF_S (the waits between tries of a failing `scontrol requeue`; default "5 10 20 40").
 #
 # .env is read with python-dotenv's rules (sfm_dpo/launcher.py), as train_dpo.py reads it: it never overrides a
@@ -60,19 +60,29 @@ node_task() {
     fi
     # The agent (accelerate launch -> torch elastic) must ignore SIGUSR1, which would kill it: whether srun signals
     # the task's process group (proctrack/pgid) or the whole step cgroup, it reaches the agent. Its workers inherit
-    # the "ignore" until PreemptionCallback installs a handler, so a pending request is re-sent every 30 s (a
-    # signal before the agent started counts: the start-up trap noted it). Our handler is in place before the agent
-    # starts; the agent's subshell then writes our "ready" file for the batch level, which forwards a signal to us
-    # only once every node's file exists: srun, and this script, die of a SIGUSR1 that comes before their handlers.
-    local agent='' pending=$PREEMPT_PENDING last_sent=-1000000
+    # the "ignore" until PreemptionCallback installs a handler. So each worker gets the signal once, when it has a
+    # handler (its SigCgt in /proc): a pending request is offered again every PREEMPT_RESEND_S to those that had
+    # none yet (a signal before the agent started counts: the start-up trap noted it). Never to a worker without a
+    # handler: Python resets its handlers to the default when the interpreter exits, and the default kills.
+    # Our handler is in place before the agent starts; the agent's subshell then writes our "ready" file for the
+    # batch level, which forwards a signal to us only once every node's file exists: srun, and this script, die of a
+    # SIGUSR1 that comes before their handlers.
+    local agent='' pending=$PREEMPT_PENDING last_sent=-1000000 signalled=' '
+    local usr1_bit=$((1 << ($(kill -l USR1) - 1)))
     signal_workers() {
-        # The workers run in their own sessions (torch elastic's start_new_session), so they are named by parent.
-        [[ -z "$agent" ]] || pkill -USR1 -P "$agent" || true
+        local pid caught
         last_sent=$SECONDS
+        [[ -n "$agent" ]] || return 0
+        # The workers run in their own sessions (torch elastic's start_new_session), so they are named by parent.
+        for pid in $(pgrep -P "$agent"); do
+            [[ "$signalled" != *" $pid "* ]] || continue
+            caught=$(awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+            if ((0x${caught:-0} & usr1_bit)) && kill -USR1 "$pid" 2>/dev/null; then signalled+="$pid "; fi
+        done
     }
     # shellcheck disable=SC2317,SC2329  # invoked by the trap
     on_node_usr1() {
-        ((pending)) && return # already passing it on (and re-sending): one request, one save
+        ((pending)) && return # already passing it on: one request, one save
         pending=1
         signal_workers
     }
@@ -86,7 +96,7 @@ node_task() {
     while kill -0 "$agent" 2>/dev/null; do
         sleep 2 &
         wait $! || true
-        if ((pending)) && ((SECONDS - last_sent >= ${PREEMPT_RESEND_S:-30})); then signal_workers; fi
+        if ((pending)) && ((SECONDS - last_sent >= ${PREEMPT_RESEND_S:-5})); then signal_workers; fi
     done
     local rc=0
     wait "$agent" || rc=$?
@@ -401,14 +411,19 @@ end_preempted() {
 # From here one SIGUSR1 is passed on once, when every node task has its handler (their "ready" files): srun, and a
 # node task that is still starting, would die of it. More signals change nothing (one request, one save).
 child=
-forwarded=0
+forwarded=0 # 1: passed on; -1: waiting for the node tasks
 # shellcheck disable=SC2317,SC2329  # invoked by the trap (the code differs between shellcheck versions)
 forward_when_ready() {
-    [[ -n "$PREEMPTED_AT" && -n "$child" ]] && ((!forwarded)) || return 0
+    [[ -n "$PREEMPTED_AT" && -n "$child" ]] && ((forwarded < 1)) || return 0
     local node
     for ((node = 0; node < NNODES; node++)); do
-        [[ -e "$SFM_REQUEUE_MARKER.ready-$node" ]] || return 0
+        if [[ ! -e "$SFM_REQUEUE_MARKER.ready-$node" ]]; then
+            ((forwarded < 0)) || log "the node tasks are still starting: passing SIGUSR1 on once they can take it"
+            forwarded=-1
+            return 0
+        fi
     done
+    ((forwarded == 0)) || log "node tasks ready: passing SIGUSR1 on"
     kill -USR1 "$child" 2>/dev/null || true
     forwarded=1
 }

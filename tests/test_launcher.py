@@ -1,5 +1,7 @@
 """scripts/launch.sh: the command lines it builds (dry run, faked Slurm allocations of 2 and 4 nodes), its errors,
-the per-node supervisor's signal forwarding (a real `accelerate launch` of 2 processes), and the thin wrappers."""
+the per-node supervisor's signal forwarding (a real `accelerate launch` of 2 processes), `.env` read as python-dotenv
+reads it, a token on the command line refused, SIGUSR1 during the start-up and while the node task starts, and the
+end-of-run verdict from run_status.json (sfm_dpo/launcher.py)."""
 
 import json
 import os
@@ -360,3 +362,36 @@ def test_outcome_is_done_only_when_this_run_said_done(tmp_path):
     status.write_text('{"state": "do')  # a writer that did not write atomically, killed
     verdict, line = outcome(tmp_path, 0, before)
     assert verdict == "failed" and line.startswith(f"FAILED: unreadable {status} (JSONDecodeError")
+
+
+def test_usr1_as_training_starts_ends_in_exit_75_and_kills_no_worker(demo_assets, tmp_path):
+    """A real local launch of the demo, signalled the moment the launcher has started its node task: the signal
+    waits for the node task's handler (the "ready" file) and for the workers' (their SigCgt), reaches each worker
+    once, training stops at its next stage boundary with nothing lost, exit 75. Offered every second here, a signal
+    re-sent to a worker that has already returned would kill it in its interpreter's shutdown (Python then restores
+    the default action): train_dpo.py FAILED, exit -10, with the marker already written."""
+    output_dir = tmp_path / "out"
+    argv = [
+        "bash", str(LAUNCH), "demo", "--model_name_or_path", str(demo_assets["model"]),
+        "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=_env(PREEMPT_RESEND_S="1"), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "launch.sh --node-task"], capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    summary = re.findall(r"^ PREEMPTED: (.*)$", out, re.M)
+    # Stopped at a stage boundary ("nothing lost"), or, had the signal come later, at a step with its checkpoint.
+    assert len(summary) == 1 and "run the same command again to resume (exit 75)" in summary[0], out
+    assert "ChildFailedError" not in out and "(SIGUSR1)" not in out and "exit code  0 " in out, out
