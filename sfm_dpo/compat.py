@@ -43,7 +43,7 @@ KNOWN_NOISE = (
         "warning",
         FutureWarning,
         r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-        "DeepSpeed's ZeRO-2 calls torch.distributed.all_gather_into_tensor, deprecated since torch 2.12-2.13; our code does not",
+        "DeepSpeed's ZeRO-2 calls torch.distributed.all_gather_into_tensor (deprecated in torch 2.12+); ours does not",
     ),
     (
         "log",
