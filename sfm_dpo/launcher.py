@@ -5,7 +5,8 @@
   its quoting and `${VAR}` rules), so that the launcher's shell and train_dpo.py agree. `source .env` would instead
   override the caller, run `lr sweep` as a command and expand `$`. It warns when the file holds a token and is
   readable by group or others. No value is printed anywhere but in the `export` lines, which the launcher evals.
-  Runs before the launcher activates a virtualenv, on any python that has python-dotenv: stdlib imports only.
+  Runs before the launcher activates a virtualenv, on any python that has python-dotenv (nothing else is imported
+  but the stdlib and two small modules of ours, credentials and run_status).
 - `python -m sfm_dpo.launcher fingerprint FILE` / `outcome OUTPUT_DIR RC FINGERPRINT`: the end-of-run verdict from
   `<output_dir>/run_status.json`, which train_dpo.py writes on rank 0 at the end of every run. The exit code of
   `accelerate launch` is not enough: it turns any worker failure into 1, and a 0 says nothing about the final save.
@@ -22,9 +23,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-# The variables whose values must never be in a world-readable file (the tokens of sfm_dpo.credentials).
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-RUN_STATUS_FILE = "run_status.json"  # sfm_dpo.run_status.STATUS_FILE: {"state", "stage", "message", "job_id", ...}
+from sfm_dpo.credentials import SECRET_VARIABLES  # the tokens: never in a file that others can read
+from sfm_dpo.run_status import STATUS_FILE as RUN_STATUS_FILE  # {"state", "stage", "message", "job_id", ...}
+
 ABSENT = "absent"
 
 
@@ -81,7 +82,7 @@ def permission_warning(path: str | os.PathLike) -> str | None:
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if not mode & (stat.S_IRGRP | stat.S_IROTH):
         return None
-    tokens = [k for k, v in _raw_values(path).items() if k in TOKEN_VARIABLES and v]
+    tokens = [k for k, v in _raw_values(path).items() if k in SECRET_VARIABLES and v]
     if not tokens:
         return None
     return (
