@@ -136,6 +136,20 @@ class SamplerEpoch(TrainerCallback):
         self.sampler.set_epoch(state.global_step // self.sampler.steps_per_epoch)
 
 
+class ContinueTokenCount(TrainerCallback):
+    """A resumed run's `num_tokens` (TRL's running count of trained tokens, kept on the trainer, not in checkpoints) and
+    `tokens_per_second` go on from the checkpoint's last logged count, which is in its `log_history`, instead of
+    restarting at 0 and under-reporting the run's tokens and rate."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        counts = [entry["num_tokens"] for entry in state.log_history if "num_tokens" in entry and "loss" in entry]
+        if counts and state.global_step > 0:
+            self.trainer._total_train_tokens = self.trainer._tokens_at_last_log = int(counts[-1])
+
+
 # Per completion token: how far the policy's summed log-probs on the first micro-batch may be from the cached
 # reference's at a fresh start (same weights, another packing: only the kernels' rounding differs). bf16 / fp16 /
 # TF32: 0.05 nats, ~50x what bench/README.md measured between the packed bf16 forward (compiled, other row sizes) and
@@ -258,6 +272,7 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         self._window = {"train": None, "eval": None}
         self.add_callback(PackingPlanRecord(self.batch_sampler.step_digests()))
         self.add_callback(SamplerEpoch(self.batch_sampler))
+        self.add_callback(ContinueTokenCount(self))
         self._reference_check_pending = True  # the first training micro-batch compares the policy with the cache
 
     # --- data --------------------------------------------------------------------------------------------------------

@@ -130,12 +130,15 @@ class PreemptionCallback(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def _source(self) -> str:
+        """Who asked, for the log: this rank's own signal, or the flag of another rank seen through the all-reduce."""
+        return f"{self.requested_by} on this rank" if self.requested_by else "a signal on another rank"
+
     def check(self, stage: str) -> None:
         """A stage boundary that every rank reaches (a collective): raise `Preempted(stage)` on every rank if any rank
         got the signal."""
         if any_rank(self.requested):
-            logger.warning("Preemption requested (%s) during %s: stopping for a requeue",
-                           self.requested_by or "signal on another rank", stage)  # fmt: skip
+            logger.warning("Preemption requested (%s) during %s: stopping for a requeue", self._source(), stage)
             raise Preempted(stage)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -149,8 +152,8 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             logger.warning(
-                "Preemption requested (%s on this rank): saving a checkpoint at step %d and stopping for a requeue",
-                self.requested_by or "signal on another rank",
+                "Preemption requested (%s): saving a checkpoint at step %d and stopping for a requeue",
+                self._source(),
                 state.global_step,
             )
         return control
@@ -162,8 +165,8 @@ class PreemptionCallback(TrainerCallback):
             self.preempted = True
             control.should_training_stop = True
             logger.warning(
-                "Preemption requested (%s on this rank) during the checkpoint of step %d: stopping after it for a "
-                "requeue", self.requested_by or "signal on another rank", state.global_step,
+                "Preemption requested (%s) during the checkpoint of step %d: stopping after it for a requeue",
+                self._source(), state.global_step,
             )  # fmt: skip
         if self.preempted:
             request_requeue(f"{state.global_step}")  # the launcher reads the step of the checkpoint

@@ -21,7 +21,7 @@ ALLOW_UNTESTED_ENV = "SFM_ALLOW_UNTESTED_VERSIONS"  # "1": a version above the t
 
 # (distribution, lowest supported, first unsupported or None, what needs the floor)
 REQUIREMENTS = (
-    ("torch", "2.9", "2.16", "the packed attention backends and torch.compile of the layers"),
+    ("torch", "2.11", "2.16", "varlen_attn with window_size, the fast exact packed attention (2.9: none; 2.10: no window)"),
     ("transformers", "5.23", "6", "the recipes' activation_checkpointing, Trainer.loss_is_scaled_for_ga"),
     ("trl", "1.16", "2", "trl.trainer.utils.add_fused_lm_head, the fast path's log-prob head (1.15's needs Triton)"),
     ("accelerate", "1.15", "2", "the accelerate launch and DeepSpeed plugin transformers 5.23+ drive"),
@@ -32,7 +32,7 @@ TRAINING = tuple(name for name, *_ in REQUIREMENTS)
 ANALYSIS = ("torch", "transformers", "trl", "accelerate", "datasets")  # scripts/analyze_dataset.py: no DeepSpeed
 
 SETUP_HINT = (
-    "uv venv -p 3.11 .venv && uv pip install --python .venv 'torch>=2.9,<2.16' --index-url "
+    "uv venv -p 3.11 .venv && uv pip install --python .venv 'torch>=2.11,<2.16' --index-url "
     "https://download.pytorch.org/whl/cu128 && uv pip install --python .venv -r requirements.txt "
     "(your cluster's CUDA build of torch; README, 'Training on the cluster')"
 )

@@ -392,3 +392,22 @@ def test_trl_does_not_hash_the_model_on_the_packed_path(tmp_path, monkeypatch):
     assert dpo_trainer.hash_module is counting  # put back after building
     build(SFMDPOTrainer, tmp_path / "stock", rows, ref_model=False, precompute_ref_log_probs=True)
     assert len(calls) == 1
+
+
+def test_token_count_and_rate_continue_across_a_resume(tmp_path):
+    """`num_tokens` (TRL's running count of trained tokens) and `tokens_per_second` of a resumed run continue from the
+    checkpoint's: the uninterrupted run's count at the last step, not the count since the resume."""
+    rows = make_rows(24, seed=8, max_completion=40)
+    settings = dict(attn_backend="sdpa", max_tokens_per_microbatch=160, max_steps=3, save_strategy="steps",
+                    save_steps=1, optim="sgd", learning_rate=0.1)  # fmt: skip
+    whole = build(FastDPOTrainer, tmp_path / "whole", rows, **settings)
+    whole.train()
+    counts = [e["num_tokens"] for e in whole.state.log_history if "loss" in e]
+    assert counts == sorted(counts) and counts[0] > 0
+
+    resumed = build(FastDPOTrainer, tmp_path / "resumed", rows, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-1"))
+    after = [e for e in resumed.state.log_history if "loss" in e and e["step"] > 1]
+    assert [e["num_tokens"] for e in after] == counts[1:]
+    step_tokens = counts[1] - counts[0]
+    assert 0 < after[0]["tokens_per_second"] <= step_tokens / after[0]["step_time_s"] * 1.001

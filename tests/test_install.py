@@ -19,7 +19,7 @@ CUDA_INDEX = "--index-url https://download.pytorch.org/whl/cu128"
 # The README's lines ("Training on the cluster"), with .venv as {venv}. Keep them equal to the README's.
 SETUP_LINES = (
     "uv venv -p 3.11 {venv}",
-    f"uv pip install --python {{venv}} 'torch>=2.9,<2.16' {CUDA_INDEX}",
+    f"uv pip install --python {{venv}} 'torch>=2.11,<2.16' {CUDA_INDEX}",
     "uv pip install --python {venv} -r requirements.txt",
 )
 
@@ -52,7 +52,7 @@ def test_readme_setup_lines_install_and_start(tmp_path):
         line = line.format(venv=venv)
         # The two substitutions a CPU machine without a managed-Python download needs; the rest runs as written.
         line = line.replace("-p 3.11", f"-p {sys._base_executable}")
-        line = line.replace(f"'torch>=2.9,<2.16' {CUDA_INDEX}", str(wheel))
+        line = line.replace(f"'torch>=2.11,<2.16' {CUDA_INDEX}", str(wheel))
         args = shlex.split(line)
         assert args[0] == "uv", line
         run = subprocess.run([*uv, *args[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

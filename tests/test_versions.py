@@ -22,7 +22,7 @@ from sfm_dpo.versions import ENVIRONMENT_EXIT_CODE, find_problems, parse_version
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORTED = {
-    "torch": "2.9.1+cu128",
+    "torch": "2.11.0+cu128",
     "transformers": "5.23.0",
     "trl": "1.16.0",
     "accelerate": "1.15.0",
@@ -66,7 +66,7 @@ def test_old_python_is_one_line_with_the_fix():
         ("trl", "1.14.2", "trl>=1.16,<2 (found 1.14.2; needed for trl.trainer.utils.add_fused_lm_head"),
         ("trl", "1.15.0", "trl>=1.16,<2 (found 1.15.0; needed for trl.trainer.utils.add_fused_lm_head"),
         ("transformers", "5.22.2", "transformers>=5.23,<6 (found 5.22.2; needed for the recipes' activation_check"),
-        ("torch", "2.8.0+cu128", "torch>=2.9,<2.16 (found 2.8.0+cu128"),
+        ("torch", "2.9.1+cu128", "torch>=2.11,<2.16 (found 2.9.1+cu128; needed for varlen_attn with window_size"),
         ("accelerate", "1.14.0", "accelerate>=1.15,<2 (found 1.14.0"),
         ("deepspeed", "0.18.0", "deepspeed>=0.19,<0.20 (found 0.18.0; needed for ZeRO-2 (under 0.18"),
         ("datasets", "4.6.1", "datasets>=4.7 (found 4.6.1"),
@@ -80,18 +80,18 @@ def test_too_old_package_names_its_bound_and_the_install_line(name, version, nee
 
 def test_missing_packages_and_untested_newer_ones():
     message, _ = find_problems((3, 11, 7), {**SUPPORTED, "torch": None, "trl": None})
-    assert "torch>=2.9,<2.16 (not installed), trl>=1.16,<2 (not installed)" in message
+    assert "torch>=2.11,<2.16 (not installed), trl>=1.16,<2 (not installed)" in message
     assert "CUDA build of torch first" in message and "--index-url https://download.pytorch.org/whl/cu128" in message
 
     newer = {**SUPPORTED, "torch": "2.16.0"}
     message, warnings = find_problems((3, 11, 7), newer)
     assert (
-        "torch>=2.9,<2.16 (found 2.16.0, newer than tested)" in message and "SFM_ALLOW_UNTESTED_VERSIONS=1" in message
+        "torch>=2.11,<2.16 (found 2.16.0, newer than tested)" in message and "SFM_ALLOW_UNTESTED_VERSIONS=1" in message
     )
     assert warnings == []
     assert find_problems((3, 11, 7), newer, allow_untested=True) == (
         None,
-        ["torch>=2.9,<2.16 (found 2.16.0, newer than tested)"],
+        ["torch>=2.11,<2.16 (found 2.16.0, newer than tested)"],
     )
     # Too old stays an error whatever the override.
     message, _ = find_problems((3, 11, 7), {**newer, "trl": "1.14.2"}, allow_untested=True)
