@@ -378,6 +378,8 @@ requeue_job() {
     read -r -a waits <<<"${SFM_REQUEUE_BACKOFF_S:-5 10 20 40}"
     local tries=$((${#waits[@]} + 1)) try error restarts
     for ((try = 1; try <= tries; try++)); do
+        # Logged before: once the requeue is done, Slurm may end this shell before it says so.
+        ((try == 1)) || log "scontrol requeue $SLURM_JOB_ID: try $try of $tries"
         if error=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
             log "scontrol requeue $SLURM_JOB_ID: done (try $try of $tries)"
             return 0

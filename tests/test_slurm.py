@@ -208,7 +208,8 @@ def test_signal_at_start_up_requeues_through_a_failing_scontrol_and_completes(sl
     assert f"PREEMPTED: before training started, nothing to save; requeueing job {job_id}" in log
     assert f"on USR1    checkpoint, then scontrol requeue {job_id} (a batch job)" in log
     assert f"scontrol requeue {job_id} failed (try 1 of 5): slurm_requeue error: Socket timed out" in log
-    assert f"scontrol requeue {job_id}: done (try 2 of 5)" in log
+    assert f"scontrol requeue {job_id}: try 2 of 5" in log
+    assert (tmp_path / "bin" / "requeue_calls").read_text().strip() == "2"
     assert "(requeued 1x)" in log  # the second life, which trains
     assert f"DONE: model saved to {output_dir}" in log
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
