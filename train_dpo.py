@@ -145,12 +145,16 @@ def train_and_finish(script_args, training_args, model_args, config, push_to_hub
         logger.warning("%s is at the last step of this training: nothing to train.", done[0])
         if not is_main:
             return 0
-        return finish_trained_run(done[0], last_checkpoint, status, script_args, training_args, model_args, push_to_hub)
+        return finish_trained_run(
+            done[0], last_checkpoint, status, script_args, training_args, model_args, push_to_hub
+        )
     if last_checkpoint:  # DeepSpeed would refuse another world size only after the data and the model are loaded
         check_world_size(last_checkpoint, training_args.world_size)
 
     # Start-up checks that need the model's size (from its config: nothing loaded yet) and the data, before the load.
-    n_params = count_parameters(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    n_params = count_parameters(
+        model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
+    )
     if is_main:
         check_disk_space(output_dir, n_params, training_args.save_total_limit, training_args.save_only_model)
     status.enter("data")
@@ -167,7 +171,9 @@ def train_and_finish(script_args, training_args, model_args, config, push_to_hub
     with training_args.main_process_first(desc="preparing the preference data"):
         train_dataset, data_report = prepare_dataset(script_args, training_args, tokenizer)
         # Rank 0 first: it records the held-out split, which the other ranks (and any resumed run) then read back.
-        train_dataset, eval_dataset, eval_split = split_for_eval(train_dataset, script_args, training_args, data_report)
+        train_dataset, eval_dataset, eval_split = split_for_eval(
+            train_dataset, script_args, training_args, data_report
+        )
         if eval_split is not None and training_args.process_index == 0:
             eval_split.save(training_args.output_dir)
     data_report.log(logger)

@@ -21,7 +21,12 @@ ALLOW_UNTESTED_ENV = "SFM_ALLOW_UNTESTED_VERSIONS"  # "1": a version above the t
 
 # (distribution, lowest supported, first unsupported or None, what needs the floor)
 REQUIREMENTS = (
-    ("torch", "2.11", "2.16", "varlen_attn with window_size, the fast exact packed attention (2.9: none; 2.10: no window)"),
+    (
+        "torch",
+        "2.11",
+        "2.16",
+        "varlen_attn with window_size, the fast exact packed attention (2.9: none; 2.10: no window)",
+    ),
     ("transformers", "5.23", "6", "the recipes' activation_checkpointing, Trainer.loss_is_scaled_for_ga"),
     ("trl", "1.16", "2", "trl.trainer.utils.add_fused_lm_head, the fast path's log-prob head (1.15's needs Triton)"),
     ("accelerate", "1.15", "2", "the accelerate launch and DeepSpeed plugin transformers 5.23+ drive"),
