@@ -21,7 +21,10 @@ from sfm_dpo.preflight import check_disk_space, checkpoint_bytes, count_paramete
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "WANDB_MODE"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so that monkeypatch restores the name's original state, absence included: a value that a test
+        # loads (load_secrets) must not leak into later tests' environment.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
