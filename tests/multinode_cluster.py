@@ -119,18 +119,10 @@ class MultiNodeCluster(SlurmCluster):
         root = self.root
         self._make_network()
         self._add_hosts_lines()
-        for sub in ("state", "munge", "gpus", *(f"spool/{node}" for node in self.nodes)):
+        for sub in ("state", *(f"spool/{node}" for node in self.nodes)):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        munge_dir = root / "munge"
-        munge_dir.chmod(0o755)
-        key = munge_dir / "munge.key"
-        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
-        key.chmod(0o600)
-        munge_socket = munge_dir / "munge.socket"  # a path socket: reachable from the nodes' namespaces too
-        for i in range(FAKE_GPUS):
-            (root / "gpus" / f"nvidia{i}").symlink_to("/dev/null")
         # Both nodes share the fake GPU files (the wrapper asks for --gpus-per-node=4).
-        (root / "gres.conf").write_text(f"Name=gpu File={root}/gpus/nvidia[0-{FAKE_GPUS - 1}]\n")
+        munge_socket = self._make_munge_key_and_gpus()
         single_node = SLURM_CONF.format(
             host=self.host,
             root=root,
@@ -145,16 +137,7 @@ class MultiNodeCluster(SlurmCluster):
         controller = f"{self.host}(10.213.{self.subnet}.1)"
         nodes = {node: self.address(node) for node in self.nodes}
         self.conf.write_text(multinode_conf(single_node, controller, root, nodes, self.cpus))
-        self._spawn(
-            "munged",
-            [
-                "munged", "-F", "--force", f"--socket={munge_socket}", f"--key-file={key}",
-                f"--pid-file={munge_dir}/munged.pid", f"--seed-file={munge_dir}/munged.seed",
-                f"--log-file={munge_dir}/munged.log",
-            ],
-        )  # fmt: skip
-        self._wait_for(lambda: munge_socket.exists(), "munged socket", 10)
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._start_munged_and_slurmctld(munge_socket)
         for node in self.nodes:
             # nsenter and unshare exec: the pid of this Popen is slurmd's. Its jobs inherit both namespaces.
             inner = f"hostname {node} && exec slurmd -D -N {node} -f {self.conf}"

@@ -96,17 +96,9 @@ class SlurmCluster:
     # ---- lifecycle ----
     def start(self) -> None:
         root = self.root
-        for sub in ("state", "spool", "munge", "gpus"):
+        for sub in ("state", "spool"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        munge_dir = root / "munge"
-        munge_dir.chmod(0o755)
-        key = munge_dir / "munge.key"
-        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
-        key.chmod(0o600)
-        munge_socket = munge_dir / "munge.socket"
-        for i in range(FAKE_GPUS):
-            (root / "gpus" / f"nvidia{i}").symlink_to("/dev/null")
-        (root / "gres.conf").write_text(f"Name=gpu File={root}/gpus/nvidia[0-{FAKE_GPUS - 1}]\n")
+        munge_socket = self._make_munge_key_and_gpus()
         self.conf.write_text(
             SLURM_CONF.format(
                 host=self.host,
@@ -119,18 +111,38 @@ class SlurmCluster:
                 first_job_id=random.SystemRandom().randrange(100_000, 60_000_000),  # the tests seed `random`
             )
         )
+        self._start_munged_and_slurmctld(munge_socket)
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+        self._wait_for(lambda: self.node_state() == "idle", "node idle", 60)
+
+    def _make_munge_key_and_gpus(self) -> Path:
+        """A fresh munge key, the fake GPU device files and their gres.conf; returns the munge socket's path (a path
+        socket: reachable from network namespaces too)."""
+        root = self.root
+        for sub in ("munge", "gpus"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        munge_dir = root / "munge"
+        munge_dir.chmod(0o755)
+        key = munge_dir / "munge.key"
+        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
+        key.chmod(0o600)
+        for i in range(FAKE_GPUS):
+            (root / "gpus" / f"nvidia{i}").symlink_to("/dev/null")
+        (root / "gres.conf").write_text(f"Name=gpu File={root}/gpus/nvidia[0-{FAKE_GPUS - 1}]\n")
+        return munge_dir / "munge.socket"
+
+    def _start_munged_and_slurmctld(self, munge_socket: Path) -> None:
+        munge_dir = munge_socket.parent
         self._spawn(
             "munged",
             [
-                "munged", "-F", "--force", f"--socket={munge_socket}", f"--key-file={key}",
+                "munged", "-F", "--force", f"--socket={munge_socket}", f"--key-file={munge_dir / 'munge.key'}",
                 f"--pid-file={munge_dir}/munged.pid", f"--seed-file={munge_dir}/munged.seed",
                 f"--log-file={munge_dir}/munged.log",
             ],
         )  # fmt: skip
         self._wait_for(lambda: munge_socket.exists(), "munged socket", 10)
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(lambda: self.node_state() == "idle", "node idle", 60)
 
     def stop(self) -> None:
         if any(p.poll() is None for p in self._procs):

@@ -183,12 +183,30 @@ exec {real} "$@"
     return {**cluster.env, "PATH": f"{folder}{os.pathsep}{cluster.env['PATH']}", **extra}
 
 
+def _launcher_catches_usr1(job_id: str) -> bool:
+    """Whether this job's batch shell runs the launcher and has installed its USR1 trap (its first line): SigCgt in
+    /proc (the test cluster's one node is this machine)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+            cmdline = (status.parent / "cmdline").read_bytes()
+            caught = next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in environ and b"scripts/launch.sh" in cmdline:
+            if int(caught.split()[1], 16) & (1 << (10 - 1)):  # SIGUSR1 = 10
+                return True
+    return False
+
+
 def signal_at_start(cluster, job_id: str, timeout: float = 60) -> None:
-    """SIGUSR1 to the batch shell as soon as the job runs: the launcher is still in its start-up."""
+    """SIGUSR1 to the batch shell as soon as the launcher runs: it is still in its start-up (.env, site profile,
+    config probe). Not before: Slurm marks the job RUNNING before its script starts, and a signal then finds no shell
+    (Slurm's own pre-timeout signal comes minutes into a job)."""
     deadline = time.monotonic() + timeout
-    while cluster.job_field(job_id, "JobState") != "RUNNING":
-        assert time.monotonic() < deadline, f"job {job_id} did not start:\n{cluster.logs()}"
-        time.sleep(0.05)
+    while not _launcher_catches_usr1(job_id):
+        assert time.monotonic() < deadline, f"job {job_id}'s launcher did not start:\n{cluster.logs()}"
+        time.sleep(0.02)
     cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
 
