@@ -33,7 +33,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import DAEMONS, FAKE_GPUS, SLURM_CONF, SlurmCluster, _free_port, cluster_unavailable
+from tests.slurm_cluster import (
+    FAKE_GPUS,
+    SLURM_CONF,
+    SlurmCluster,
+    _free_port,
+    cluster_unavailable,
+    require_root_and_slurm,
+)
 
 NODES = 2
 HOSTS_FILE = Path("/etc/hosts")
@@ -264,11 +271,7 @@ def _locked_hosts():
 @pytest.fixture(scope="module")  # its namespaces and daemons go as soon as the module's tests are done
 def multinode_cluster(tmp_path_factory):
     # As the single-node cluster: fails in CI and as root where it cannot run, naming why; skips, loudly, without root.
-    if os.geteuid() != 0:
-        cluster_unavailable("the 2-node cluster needs root (network namespaces, a bridge, /etc/hosts, daemons)")
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
-    if missing:
-        cluster_unavailable(f"Slurm/munge not installed (missing {missing}): run `bash scripts/install_slurm.sh`")
+    require_root_and_slurm("the 2-node cluster needs root (network namespaces, a bridge, /etc/hosts, daemons)")
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         cluster_unavailable(

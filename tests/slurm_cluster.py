@@ -231,13 +231,18 @@ def cluster_unavailable(reason: str) -> NoReturn:
     pytest.skip(f"SLURM TESTS NOT RUN: {reason}; run them as root (CI does, and fails where they cannot run)")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def require_root_and_slurm(why_root: str) -> None:
+    """The checks every cluster fixture makes first: root, and the Slurm and munge daemons (`cluster_unavailable`)."""
     if os.geteuid() != 0:
-        cluster_unavailable("its daemons run as root")
+        cluster_unavailable(why_root)
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if missing:
         cluster_unavailable(f"Slurm/munge not installed (missing {missing}): run `bash scripts/install_slurm.sh`")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    require_root_and_slurm("its daemons run as root")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
