@@ -38,9 +38,10 @@ from sfm_dpo.credentials import (
     refuse_token_arguments,
 )
 from sfm_dpo.data import prepare_dataset, split_for_eval
-from sfm_dpo.fast_path import build_trainer
+from sfm_dpo.fast_path import build_trainer, default_ref_cache_dir
 from sfm_dpo.preemption import Preempted, PreemptionCallback, requeue_on_preemption
 from sfm_dpo.preflight import check_disk_space, count_parameters, dump_config, resolved_config, save_config
+from sfm_dpo.ref_cache import DIGEST_FOLDER
 from sfm_dpo.reporting import run_summary, save_summary, summary_from_checkpoint, summary_text
 from sfm_dpo.run_identity import RunConflict, claim_output_dir, run_identity
 from sfm_dpo.run_report import write_report_or_log
@@ -71,7 +72,10 @@ def take_output_dir(script_args, training_args, model_args):
     lock, refusal = None, None
     if training_args.process_index == 0:
         try:
-            lock = claim_output_dir(training_args.output_dir, run_identity(script_args, training_args, model_args))
+            # The file digests are stored where the reference pass looks for them: the weights are read once for both.
+            digest_dir = default_ref_cache_dir(script_args, training_args) / DIGEST_FOLDER
+            identity = run_identity(script_args, training_args, model_args, digest_dir)
+            lock = claim_output_dir(training_args.output_dir, identity)
         except RunConflict as e:
             refusal = str(e)
     [refusal] = broadcast_object_list([refusal])

@@ -102,7 +102,8 @@ def attach_reference_logps(
     # Rank 0 digests the weights (once per file: the digests are stored in the cache) and tells the others.
     found = [None]
     if state.is_main_process:
-        found[0] = reference_key(model_args, backend, precision, layers_compiled(model), cache_dir / "file_digests")
+        digest_dir = cache_dir / ref_cache.DIGEST_FOLDER  # shared with the run identity (train_dpo.py)
+        found[0] = reference_key(model_args, backend, precision, layers_compiled(model), digest_dir)
     if state.num_processes > 1:
         broadcast_object_list(found, from_process=0)
     info = {"model": model_args.model_name_or_path, "revision": model_args.model_revision}

@@ -56,6 +56,7 @@ CACHE_FORMAT = 2  # bump when the file layout or the meaning of the values chang
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SHARD_SECONDS = 300.0  # a preempted or crashed rank loses at most this much of its pass
+DIGEST_FOLDER = "file_digests"  # in the cache folder: the stored per-file digests (stored_file_digest)
 # What `model_identity` digests in a model folder: transformers' weight files, the config (rope scaling, sliding
 # windows and the like change the values too) and any remote code (`*.py`, the forward of a trust_remote_code model).
 # Not optimizer.pt, training_args.bin, the tokenizer (the token ids are fingerprinted themselves) or the README.
@@ -109,10 +110,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _stored_file_digest(path: Path, digest_dir: Path | None) -> str:
+def stored_file_digest(path: Path, digest_dir: Path | None) -> str:
     """`file_digest(path)`, computed once: kept in `digest_dir` under the file's resolved path and reused while its
     size and mtime_ns are those recorded (a rewrite changes mtime, and the file is read again: ~1.5 s for the 14 GB
-    of a 7B model from the page cache, the filesystem's read speed otherwise)."""
+    of a 7B model from the page cache, the filesystem's read speed otherwise). The one file digest of the project:
+    the reference cache's key (`model_identity`) and the run identity (`sfm_dpo.run_identity`) share it, and one
+    `digest_dir` (`DIGEST_FOLDER` in the cache), so a file is read once for both."""
     resolved = path.resolve()
     stat = resolved.stat()
     record = {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -171,7 +174,7 @@ def model_identity(
     if not weights:
         raise ValueError(f"No weight files ({', '.join(WEIGHT_PATTERNS)}) in {folder}; cannot identify the model.")
     files = weights + sorted({p for pattern in CODE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    digests = {p.name: _stored_file_digest(p, Path(digest_dir) if digest_dir else None) for p in files}
+    digests = {p.name: stored_file_digest(p, Path(digest_dir) if digest_dir else None) for p in files}
     logger.info("Reference weights: %s, %d files", description, len(files))
     return {"weights": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:32]}
 

@@ -38,6 +38,7 @@ import time
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
+from .ref_cache import stored_file_digest
 from .run_status import is_model_file
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ LOCK_FILE = "run.lock"
 OWNER_FILE = "run_owner.json"
 HEARTBEAT_S = 60
 STALE_S = 300  # 5 heartbeats: a rank-0 thread can stall during a checkpoint write of a 7B model
+CONTENT_DIGEST = "xxh3_128"  # of every byte of each file (ref_cache.file_digest)
 
 # Settings that do not change what the run trains. Everything else is part of its identity.
 NOT_IDENTITY = frozenset(
@@ -100,45 +102,32 @@ def identity_settings(*arg_groups) -> dict:
     return dict(sorted(settings.items()))
 
 
-def _file_digest(path: Path, full_below: int = 256 * 1024**2, blocks: int = 64) -> str:
-    """sha256 of the file, or, above `full_below` bytes, of its size and `blocks` 64 KiB blocks spread through it (a
-    few ms for a 10 GB file; any edit, truncation or append of a data or weight file changes one of these)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= full_below:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            for offset in range(0, size, max(1, size // blocks)):
-                f.seek(offset)
-                h.update(f.read(65536))
-            f.seek(max(0, size - 65536))
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def files_identity(name_or_path: str, model: bool = False) -> dict | None:
-    """Digests of the files behind a local path (a file, or every non-hidden file under a folder; for a `model`
-    folder, its weight, config and tokenizer files only), or None for a Hub id, which the settings already name."""
+def files_identity(name_or_path: str, model: bool = False, digest_dir: Path | None = None) -> dict | None:
+    """Digests of the whole content of the files behind a local path (a file, or every non-hidden file under a
+    folder; for a `model` folder, its weight, config and tokenizer files only), or None for a Hub id, which the
+    settings already name. Each file's digest is `ref_cache.stored_file_digest`'s, kept in `digest_dir`."""
     path = Path(name_or_path)
     if not path.exists():
         return None
     found = (p for p in path.iterdir() if is_model_file(p.name)) if model else path.rglob("*")
     files = [path] if path.is_file() else sorted(p for p in found if p.is_file())
     files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path.parent).parts)]
-    return {str(p.relative_to(path if path.is_dir() else path.parent)): _file_digest(p) for p in files}
+    root = path if path.is_dir() else path.parent
+    return {str(p.relative_to(root)): stored_file_digest(p, digest_dir) for p in files}
 
 
-def run_identity(script_args, training_args, model_args) -> dict:
+def run_identity(script_args, training_args, model_args, digest_dir: str | os.PathLike | None = None) -> dict:
     """The identity recorded in the output folder: the settings, plus the content of local model and data files (a
-    retrained model or regenerated data under the same path is another run)."""
+    retrained model or regenerated data under the same path is another run: one changed tensor of a 14 GB weights
+    file too, so every byte is read). `digest_dir`: where the per-file digests are kept (train_dpo.py passes the
+    reference cache's, which the reference pass reads the same weights' digests from); None reads every file."""
     settings = identity_settings(script_args, training_args, model_args)
+    digest_dir = Path(digest_dir) if digest_dir is not None else None
     content = {
+        "digest": CONTENT_DIGEST,
         # Not the whole folder: a model that is another run's output folder holds checkpoints and live status files.
-        "model_files": files_identity(model_args.model_name_or_path, model=True),
-        "data_files": files_identity(script_args.dataset_name),
+        "model_files": files_identity(model_args.model_name_or_path, model=True, digest_dir=digest_dir),
+        "data_files": files_identity(script_args.dataset_name, digest_dir=digest_dir),
     }
     fingerprint = hashlib.sha256(json.dumps([settings, content], sort_keys=True).encode()).hexdigest()[:16]
     return {"fingerprint": fingerprint, "settings": settings, "content": content}
@@ -149,6 +138,12 @@ def differences(recorded: dict, current: dict) -> list[str]:
     diffs = []
     for section in ("settings", "content"):
         old, new = recorded.get(section, {}), current.get(section, {})
+        if section == "content" and old.get("digest") != new.get("digest"):
+            logger.warning(
+                "The folder's %s digests the files another way (%s; this version: %s): the model and data files are "
+                "not compared, the settings are.", IDENTITY_FILE, old.get("digest", "sampled sha256"), new["digest"],
+            )  # fmt: skip
+            continue
         one_sided = sorted(set(old) ^ set(new))
         if one_sided:
             logger.info("Not compared (recorded on one side only, e.g. by another library version): %s", one_sided)
@@ -186,6 +181,10 @@ def check_identity(output_dir: str, identity: dict, record: bool) -> None:
             )
         if record:
             logger.info("%s belongs to this run (identity %s).", folder, identity["fingerprint"])
+            if recorded.get("content", {}).get("digest") != identity["content"]["digest"]:
+                # As for a folder without a record: its files taken as the run's, so that later launches compare them.
+                _write_json(path, {**recorded, "fingerprint": identity["fingerprint"], "content": identity["content"]})
+                logger.warning("Recorded this launch's file digests in %s, unchecked.", path)
         return
     if not record:
         return

@@ -74,6 +74,81 @@ def test_local_model_and_data_files_are_part_of_the_identity(demo_assets, tmp_pa
     assert "model.safetensors" in first["content"]["model_files"]
 
 
+def test_an_edit_inside_a_large_weight_file_is_another_model(tmp_path):
+    """One changed tensor in the middle of a 300 MiB weights file (sparse: no disk used) is another model, though the
+    file keeps its size and its first and last bytes. A digest of sampled blocks would miss it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    size = 300 * 2**20
+    with open(weights, "wb") as f:
+        f.truncate(size)
+    args = ("--model_name_or_path", str(model))
+    folder = str(tmp_path / "run")
+    first = identity(*args)
+    check_identity(folder, first, record=True)
+    with open(weights, "r+b") as f:
+        f.seek(size // 64 * 32 + 65536 + 4096)  # between two of 64 evenly spaced 64 KiB blocks
+        f.write(b"\x01" * 8)
+    assert weights.stat().st_size == size
+    second = identity(*args)
+    assert second["settings"] == first["settings"]
+    assert (
+        second["content"]["model_files"]["model.safetensors"] != first["content"]["model_files"]["model.safetensors"]
+    )
+    with pytest.raises(RunConflict, match="model_files: the files differ from those the folder's run used"):
+        check_identity(folder, second, record=True)
+
+
+def test_file_digests_are_full_xxh3_stored_once_for_the_run_and_the_reference_cache(
+    demo_assets, tmp_path, monkeypatch
+):
+    """The run identity's digests are the reference cache's (`ref_cache.stored_file_digest`): the whole file's xxh3,
+    stored per file, so a 7B model's weights are read once for both and not again by the next sweep point."""
+    from sfm_dpo import ref_cache
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(demo_assets["think"].read_bytes())
+    digests = tmp_path / "ref_cache" / "file_digests"
+    read = []
+    real = ref_cache.file_digest
+    monkeypatch.setattr(ref_cache, "file_digest", lambda path: read.append(Path(path).name) or real(path))
+    script_args, training_args, model_args, _ = parse(
+        "--model_name_or_path", str(demo_assets["model"]), "--dataset_name", str(data), recipe="demo"
+    )
+    first = run_identity(script_args, training_args, model_args, digest_dir=digests)
+    model_files = first["content"]["model_files"]
+    assert "model.safetensors" in model_files and "config.json" in model_files
+    assert sorted(read) == sorted([*model_files, "pairs.jsonl"])
+    assert model_files["model.safetensors"] == real(demo_assets["model"] / "model.safetensors")
+    assert first["content"]["data_files"] == {"pairs.jsonl": real(data)}
+    assert len(list(digests.glob("*.json"))) == len(read)
+    read.clear()
+    assert run_identity(script_args, training_args, model_args, digest_dir=digests) == first
+    ref_cache.model_identity(str(demo_assets["model"]), None, digest_dir=digests)
+    assert read == []  # nothing read again: the next sweep point and the reference cache reuse the stored digests
+
+
+def test_a_record_with_sampled_digests_is_kept_and_its_files_redigested(demo_assets, tmp_path, caplog):
+    """A folder recorded by the version that digested files by sampling (sha256, no "digest" in its content): its run
+    continues (the settings are compared, the files cannot be), and its record gets the full digests, compared from
+    then on."""
+    args = ("--model_name_or_path", str(demo_assets["model"]), "--dataset_name", str(demo_assets["think"]))
+    current = identity(*args, recipe="demo")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sampled = {name: "0" * 64 for name in current["content"]["model_files"]}
+    old = {**current, "content": {"model_files": sampled, "data_files": {demo_assets["think"].name: "1" * 64}}}
+    (folder / IDENTITY_FILE).write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="sfm_dpo.run_identity"):
+        check_identity(str(folder), current, record=True)
+    assert "digests the files another way (sampled sha256; this version: xxh3_128)" in caplog.text
+    assert json.loads((folder / IDENTITY_FILE).read_text())["content"] == current["content"]
+    with pytest.raises(RunConflict, match="learning_rate"):
+        check_identity(str(folder), identity(*args, "--learning_rate", "1e-5", recipe="demo"), record=True)
+
+
 def test_a_folder_of_another_run_is_refused_naming_the_settings(tmp_path):
     folder = str(tmp_path / "run")
     check_identity(folder, identity(), record=True)
