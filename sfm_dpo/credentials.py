@@ -4,10 +4,11 @@ its push. No secret value is ever logged: `redact` scrubs them from anything we 
 import logging
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 
 from .run_status import MODEL_FILES
 
@@ -17,13 +18,42 @@ SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
 def load_secrets(env_file: str | os.PathLike = ".env") -> None:
-    """Loads `.env` (if present) without overriding variables already set by the cluster or the user."""
+    """Loads `.env` (if present) without overriding variables already set by the cluster or the user; warns when it
+    holds a token that group or others can read."""
     path = Path(env_file)
     if path.exists():
         load_dotenv(path, override=False)
         logger.info("Loaded environment from %s (values not shown).", path)
+        if warning := permission_warning(path):
+            logger.warning(warning)
     else:
         logger.info("No %s file; using the process environment only.", path)
+
+
+def dotenv_file_values(path: str | os.PathLike) -> dict[str, str | None]:
+    """The file's own values, not interpolated; quiet (load_dotenv has already warned about unparsable lines)."""
+    dotenv_logger = logging.getLogger("dotenv.main")
+    level = dotenv_logger.level
+    dotenv_logger.setLevel(logging.ERROR)
+    try:
+        return dotenv_values(path, interpolate=False)
+    finally:
+        dotenv_logger.setLevel(level)
+
+
+def permission_warning(path: str | os.PathLike) -> str | None:
+    """A warning when `path` holds a non-empty token and is readable by group or others, else None. The one check
+    of `.env`'s mode, for train_dpo.py (`load_secrets`) and scripts/launch.sh (`sfm_dpo.launcher dotenv`)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    tokens = [k for k, v in dotenv_file_values(path).items() if k in SECRET_VARIABLES and v]
+    if not tokens:
+        return None
+    return (
+        f"{path} holds {', '.join(tokens)} and is readable by group/others (mode {mode:03o}): "
+        f"run `chmod 600 {path}` (anyone who can read a write token can overwrite your Hub models)"
+    )
 
 
 def secret_values() -> list[str]:

@@ -18,30 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from sfm_dpo.credentials import SECRET_VARIABLES  # the tokens: never in a file that others can read
+from sfm_dpo.credentials import dotenv_file_values, permission_warning  # .env as train_dpo.py reads it
 from sfm_dpo.run_status import STATUS_FILE as RUN_STATUS_FILE  # {"state", "stage", "message", "job_id", ...}
 
 ABSENT = "absent"
-
-
-def _raw_values(path: str | os.PathLike) -> dict[str, str | None]:
-    """The file's own values, not interpolated; quiet (load_dotenv has already warned about unparsable lines)."""
-    import logging
-
-    from dotenv import dotenv_values
-
-    dotenv_logger = logging.getLogger("dotenv.main")
-    level = dotenv_logger.level
-    dotenv_logger.setLevel(logging.ERROR)
-    try:
-        return dotenv_values(path, interpolate=False)
-    finally:
-        dotenv_logger.setLevel(level)
 
 
 def dotenv_exports(
@@ -61,7 +45,7 @@ def dotenv_exports(
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    kept = [k for k, v in _raw_values(path).items() if v is not None and k in environ]
+    kept = [k for k, v in dotenv_file_values(path).items() if v is not None and k in environ]
     lines, names = [], []
     shell_variables = set(shell_variables)
     for key in (k for k in loaded if k not in environ):
@@ -75,20 +59,6 @@ def dotenv_exports(
         lines.append(f"export {key}={shlex.quote(loaded[key])}")
         names.append(key)
     return lines, names, kept
-
-
-def permission_warning(path: str | os.PathLike) -> str | None:
-    """A warning when `path` holds a non-empty token and is readable by group or others, else None."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if not mode & (stat.S_IRGRP | stat.S_IROTH):
-        return None
-    tokens = [k for k, v in _raw_values(path).items() if k in SECRET_VARIABLES and v]
-    if not tokens:
-        return None
-    return (
-        f"{path} holds {', '.join(tokens)} and is readable by group/others (mode {mode:03o}): "
-        f"run `chmod 600 {path}` (anyone who can read a write token can overwrite your Hub models)"
-    )
 
 
 def fingerprint(path: str | os.PathLike) -> str:

@@ -67,6 +67,24 @@ def test_env_file_loads_without_overriding(clean_env, tmp_path):
     assert os.environ["WANDB_API_KEY"] == "wandb_fromshell789"
 
 
+def test_loading_an_env_file_that_others_can_read_warns_to_chmod_it(clean_env, tmp_path, monkeypatch, caplog):
+    """train_dpo.py's own read of .env warns as the launcher's does (one check, credentials.permission_warning),
+    naming the file and the fix, never the value."""
+    monkeypatch.chdir(tmp_path)
+    env = tmp_path / ".env"
+    env.write_text("HF_TOKEN=hf_fromfile123\n")
+    env.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="sfm_dpo.credentials"):
+        load_secrets()
+    assert "holds HF_TOKEN and is readable by group/others (mode 644): run `chmod 600 .env`" in caplog.text
+    assert "hf_fromfile123" not in caplog.text
+    caplog.clear()
+    env.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="sfm_dpo.credentials"):
+        load_secrets()
+    assert caplog.text == ""
+
+
 def test_secrets_are_redacted_from_the_config_dump(clean_env):
     clean_env.setenv("HF_TOKEN", "hf_verysecret")
     text = dump_config({"training_args": {"hub_token": "hf_verysecret", "note": "token hf_verysecret inside"}})
