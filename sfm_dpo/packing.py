@@ -9,6 +9,16 @@ sequence with one `index_add`.
 
 Labels are given pre-shifted (`shift_labels[t]` is the label of token t + 1 of the same sequence, -100 at its last
 token), so no prediction ever crosses a sequence boundary, even for an empty prompt.
+
+Prompt sharing (`share_prompt=True`) computes each pair's prompt once. The rejected sequence keeps only its suffix in
+the row: the prompt's last token (whose logits predict the first completion token) and the rejected completion, at
+position ids P - 1, P, ... The attention of that suffix reads the prompt's keys and values from the chosen sequence:
+the keys are a second layout `kv_index` (the chosen sequence, then its first P - 1 tokens again, then the suffix), with
+their own offsets `cu_seq_lens_k`, and the attention is causal from the bottom right (a suffix query at offset i of
+its R' tokens sees the P - 1 shared keys and suffix keys 0..i), which is what flash attention's varlen kernels do when
+the query and key lengths differ. The attention backends gather the keys and values (`sfm_dpo.attention`), whose
+gradient sums into the prompt's tokens from both sequences. Every token computes exactly what it computes unshared,
+and a pair costs P + C + R + 1 tokens instead of 2P + C + R.
 """
 
 import contextlib
@@ -26,15 +36,19 @@ logger = logging.getLogger(__name__)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def pair_tokens(row: dict) -> int:
-    """Tokens a pair costs packed: its prompt twice (once per sequence) and both completions."""
-    return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+def pair_tokens(row: dict, share_prompt: bool = False) -> int:
+    """Tokens a pair costs packed: its prompt twice (once per sequence) and both completions; with `share_prompt`, the
+    prompt once and its last token again (see the module docstring)."""
+    prompt = len(row["prompt_ids"])
+    completions = len(row["chosen_ids"]) + len(row["rejected_ids"])
+    return prompt + min(prompt, 1) + completions if share_prompt else 2 * prompt + completions
 
 
 def pack_pairs(
     rows: Sequence[dict],
     pair_weights: Sequence[float] | None = None,
     pairs_in_step: int | None = None,
+    share_prompt: bool = False,
 ) -> dict[str, Any]:
     """Packs preference rows (`prompt_ids`, `chosen_ids`, `rejected_ids` lists, optionally `ref_chosen_logps` /
     `ref_rejected_logps`) into one row.
@@ -44,60 +58,95 @@ def pack_pairs(
         sequence_index: `[T]` long, the sequence (0..S-1, chosen_i = 2i, rejected_i = 2i + 1) of each token;
         cu_seq_lens: `[S + 1]` int32 offsets, max_length: int, the flash-attention varlen kwargs;
         completion_lengths: `[S]` long, completion tokens per sequence (TRL's `completion_mask.sum(1)`);
+        sequence_tokens: `[S]` long, prompt + completion tokens of each sequence, as stock TRL computes them (with
+            `share_prompt` the row holds fewer; token counts and rates are reported in these);
         pair_weights: `[B]` float, 1 for real pairs, 0 for fillers (see `TokenBudgetBatchSampler`);
         pairs_in_step: `[]` long, pairs in this optimizer step across all ranks (B when not given);
         ref_chosen_logps, ref_rejected_logps: `[B]` float, when the rows carry them.
+    With `share_prompt`, also the key layout of the shared prompts (module docstring), K keys:
+        kv_index: `[K]` long, the row position of each key; cu_seq_lens_k: `[S + 1]` int32, max_length_k: int.
     """
     if len(rows) == 0:
         raise ValueError("pack_pairs got no rows; a micro-batch holds at least one pair.")
     # Vectorized (numpy): a 64k-token reference micro-batch packs in ~3 ms instead of ~40 ms of list building, which
     # the reference pass would spend with the GPU idle.
-    pieces, prompt_lengths, completion_lengths = [], [], []
+    pieces, segment_prompts, segment_starts, shared, sequence_tokens = [], [], [], [], []
     for row in rows:
         prompt = np.asarray(row["prompt_ids"], dtype=np.int64)
-        for name in ("chosen_ids", "rejected_ids"):
-            completion = np.asarray(row[name], dtype=np.int64)
-            pieces += [prompt, completion]
-            prompt_lengths.append(len(prompt))
-            completion_lengths.append(len(completion))
-    prompt_lengths, completion_lengths = np.asarray(prompt_lengths), np.asarray(completion_lengths)
-    lengths = prompt_lengths + completion_lengths
-    if lengths.min() == 0:
+        chosen = np.asarray(row["chosen_ids"], dtype=np.int64)
+        rejected = np.asarray(row["rejected_ids"], dtype=np.int64)
+        sequence_tokens += [len(prompt) + len(chosen), len(prompt) + len(rejected)]
+        # The rejected sequence starts after its first `n_shared` prompt tokens, which it reads as keys of the chosen
+        # sequence: all of the prompt but the last token, whose logits predict the first completion token.
+        n_shared = max(len(prompt) - 1, 0) if share_prompt else 0
+        pieces += [prompt, chosen, prompt[n_shared:], rejected]
+        segment_prompts += [len(prompt), len(prompt) - n_shared]
+        segment_starts += [0, n_shared]
+        shared.append(n_shared)
+    # [S] tokens of each sequence in the row
+    piece_lengths = np.asarray([len(p) for p in pieces]).reshape(-1, 2).sum(1)
+    segment_prompts, segment_starts = np.asarray(segment_prompts), np.asarray(segment_starts)
+    completion_lengths = piece_lengths - segment_prompts
+    if piece_lengths.min() == 0:
         raise ValueError("pack_pairs got an empty sequence (no prompt and no completion).")
     input_ids = np.concatenate(pieces)
-    sequence_index = np.repeat(np.arange(len(lengths)), lengths)
-    position_ids = np.arange(len(input_ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    sequence_index = np.repeat(np.arange(len(piece_lengths)), piece_lengths)
+    offsets = np.arange(len(input_ids)) - np.repeat(np.cumsum(piece_lengths) - piece_lengths, piece_lengths)
+    position_ids = offsets + np.repeat(segment_starts, piece_lengths)
     # shift_labels[t] = the label of token t + 1: that token if it is a completion token of the same sequence.
-    predicts_completion = (position_ids[1:] >= np.repeat(prompt_lengths, lengths)[1:]) & (position_ids[1:] > 0)
+    predicts_completion = (offsets[1:] >= np.repeat(segment_prompts, piece_lengths)[1:]) & (offsets[1:] > 0)
     shift_labels = np.full(len(input_ids), -100, dtype=np.int64)
     shift_labels[:-1] = np.where(predicts_completion, input_ids[1:], -100)
-    cu_seq_lens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu_seq_lens[1:] = torch.from_numpy(np.cumsum(lengths))
     batch = {
         "input_ids": torch.from_numpy(input_ids)[None],
         "position_ids": torch.from_numpy(position_ids)[None],
         "shift_labels": torch.from_numpy(shift_labels)[None],
         "sequence_index": torch.from_numpy(sequence_index),
-        "cu_seq_lens": cu_seq_lens,
-        "max_length": int(lengths.max()),
+        "cu_seq_lens": _offsets(piece_lengths),
+        "max_length": int(piece_lengths.max()),
         "completion_lengths": torch.from_numpy(completion_lengths),
+        "sequence_tokens": torch.tensor(sequence_tokens),
         "pair_weights": torch.tensor(pair_weights if pair_weights is not None else [1.0] * len(rows)),
         "pairs_in_step": torch.tensor(pairs_in_step if pairs_in_step is not None else len(rows)),
     }
+    if share_prompt:
+        starts = np.cumsum(piece_lengths) - piece_lengths
+        key_lengths = piece_lengths + np.stack([np.zeros(len(shared), dtype=np.int64), shared], 1).reshape(-1)
+        kv_index = []
+        for i, n_shared in enumerate(shared):
+            chosen_start, rejected_start = starts[2 * i], starts[2 * i + 1]
+            kv_index += [
+                np.arange(chosen_start, chosen_start + piece_lengths[2 * i]),
+                np.arange(chosen_start, chosen_start + n_shared),
+                np.arange(rejected_start, rejected_start + piece_lengths[2 * i + 1]),
+            ]
+        batch["kv_index"] = torch.from_numpy(np.concatenate(kv_index))
+        batch["cu_seq_lens_k"] = _offsets(key_lengths)
+        batch["max_length_k"] = int(key_lengths.max())
     if REF_COLUMNS[0] in rows[0]:
         for column in REF_COLUMNS:
             batch[column] = torch.tensor([float(row[column]) for row in rows])
     return batch
 
 
+def _offsets(lengths: np.ndarray) -> torch.Tensor:
+    """`[len + 1]` int32 cumulative offsets, the flash-attention varlen `cu_seq_lens`."""
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    offsets[1:] = torch.from_numpy(np.cumsum(lengths))
+    return offsets
+
+
 class PackedPreferenceCollator:
-    """Collates rows into one packed row (`pack_pairs`). Rows may carry `_weight` (0 marks a filler pair) and
-    `_pairs_in_step`, which `PlannedDataset` adds for the token-budget sampler."""
+    """Collates rows into one packed row (`pack_pairs`, prompts shared when `share_prompt`). Rows may carry `_weight`
+    (0 marks a filler pair) and `_pairs_in_step`, which `PlannedDataset` adds for the token-budget sampler."""
+
+    def __init__(self, share_prompt: bool = False):
+        self.share_prompt = share_prompt
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         weights = [row.get("_weight", 1.0) for row in rows]
         pairs_in_step = rows[0].get("_pairs_in_step")
-        return pack_pairs(rows, weights, pairs_in_step)
+        return pack_pairs(rows, weights, pairs_in_step, share_prompt=self.share_prompt)
 
 
 def packed_forward(model, batch: dict[str, Any]):
@@ -106,6 +155,9 @@ def packed_forward(model, batch: dict[str, Any]):
     Returns `(logps, outputs)`: `logps` `[S]` float, the summed completion log-prob of each sequence, and the fused
     head's `FusedCausalLMOutput` (per-token `log_probs`, `entropy`, ... of shape `[1, T]`, 0 outside completions)."""
     cu_seq_lens, max_length = batch["cu_seq_lens"], int(batch["max_length"])
+    keys = {}
+    if "kv_index" in batch:  # shared prompts: the keys' own layout (module docstring), read by sfm_dpo.attention
+        keys = {"kv_index": batch["kv_index"]}
     outputs = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -113,9 +165,10 @@ def packed_forward(model, batch: dict[str, Any]):
         fused_lm_head=True,
         use_cache=False,
         cu_seq_lens_q=cu_seq_lens,
-        cu_seq_lens_k=cu_seq_lens,
+        cu_seq_lens_k=batch.get("cu_seq_lens_k", cu_seq_lens),
         max_length_q=max_length,
-        max_length_k=max_length,
+        max_length_k=int(batch.get("max_length_k", max_length)),
+        **keys,
     )
     per_token = outputs.log_probs[0]
     n_sequences = batch["completion_lengths"].shape[0]
@@ -149,22 +202,28 @@ def group_by_tokens(token_counts: Sequence[int], max_tokens: int) -> list[list[i
 
 
 def reference_logps_fn(
-    model, device: torch.device | str, max_tokens: int = 16384, context: Callable | None = None
+    model,
+    device: torch.device | str,
+    max_tokens: int = 16384,
+    context: Callable | None = None,
+    share_prompt: bool = False,
 ) -> Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]:
     """`compute_fn(rows) -> (chosen_logps, rejected_logps)` (`[len(rows)]` float32, on the CPU, summed over completion
     tokens) for `sfm_dpo.ref_cache.load_or_compute`: the packed forward of `model` (fused head and packed attention
     backend already applied) in eval mode under no_grad, rows sorted by length and packed `max_tokens` at a time.
-    `context` (e.g. `accelerator.autocast`) is entered around each forward, as the training step enters it."""
+    `context` (e.g. `accelerator.autocast`) is entered around each forward, as the training step enters it;
+    `share_prompt` packs each pair's prompt once (see `pack_pairs`)."""
 
     def compute_fn(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        order = sorted(range(len(rows)), key=lambda i: pair_tokens(rows[i]))
+        cost = [pair_tokens(row, share_prompt) for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: cost[i])
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
         was_training = model.training
         model.eval()
         try:
-            for group in group_by_tokens([pair_tokens(rows[i]) for i in order], max_tokens):
+            for group in group_by_tokens([cost[i] for i in order], max_tokens):
                 indices = [order[j] for j in group]
-                batch = pack_pairs([rows[i] for i in indices])
+                batch = pack_pairs([rows[i] for i in indices], share_prompt=share_prompt)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 with torch.no_grad(), context() if context is not None else contextlib.nullcontext():
                     c, r, _, _ = packed_logps(model, batch)
@@ -191,14 +250,17 @@ def reference_logps_fn(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def dataset_pair_tokens(dataset) -> list[int]:
+def dataset_pair_tokens(dataset, share_prompt: bool = False) -> list[int]:
     """`pair_tokens` of every row of a `datasets.Dataset`, read from Arrow list lengths (no row materialized)."""
     import pyarrow.compute as pc
 
     table = dataset.with_format("arrow")[:] if dataset._indices is not None else dataset.data.table
-    length = {name: pc.list_value_length(table.column(name)) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    total = pc.add(pc.add(pc.multiply(length["prompt_ids"], 2), length["chosen_ids"]), length["rejected_ids"])
-    return total.to_pylist()
+    length = {
+        name: np.asarray(pc.list_value_length(table.column(name)), dtype=np.int64)
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+    }
+    prompt = length["prompt_ids"] + (np.minimum(length["prompt_ids"], 1) if share_prompt else length["prompt_ids"])
+    return (prompt + length["chosen_ids"] + length["rejected_ids"]).tolist()
 
 
 def _deal(items: Sequence[int], tokens: Sequence[int], n_bins: int, capacities: Sequence[int]) -> list[list[int]]:
@@ -271,27 +333,31 @@ def plan_epoch(
     epoch: int,
     max_tokens_per_microbatch: int | None = None,
     pairs_per_microbatch: int | None = None,
+    packed_tokens: Sequence[int] | None = None,
 ) -> list[list[list[list[int]]]]:
     """`plan[step][rank]` = that rank's micro-batches (lists of row indices), before `equalize_plan`.
 
-    Steps are consecutive `pairs_per_step` slices of `stratified_order` (the last one partial). Give
+    Steps are consecutive `pairs_per_step` slices of `stratified_order` of `pair_tokens` (the last one partial). Give
     exactly one of `max_tokens_per_microbatch` (first-fit decreasing into the budget) and `pairs_per_microbatch`
-    (that many pairs per micro-batch, balanced by tokens)."""
+    (that many pairs per micro-batch, balanced by tokens). `packed_tokens` (default `pair_tokens`) is what a pair
+    costs in a micro-batch, which the ranks and micro-batches are balanced and filled by: with shared prompts, less
+    than `pair_tokens`, which keeps deciding the steps, so that the pairs of each step do not depend on sharing."""
     if (max_tokens_per_microbatch is None) == (pairs_per_microbatch is None):
         raise ValueError("Give exactly one of max_tokens_per_microbatch and pairs_per_microbatch.")
     if pairs_per_step < world_size:
         raise ValueError(f"pairs_per_step ({pairs_per_step}) must be at least the world size ({world_size}).")
     order = stratified_order(pair_tokens, pairs_per_step, torch.Generator().manual_seed(seed + epoch))
+    cost = pair_tokens if packed_tokens is None else packed_tokens
     plan = []
     for start in range(0, len(order), pairs_per_step):
         step = order[start:start + pairs_per_step]  # fmt: skip
         per_rank = [len(step) // world_size + (r < len(step) % world_size) for r in range(world_size)]
-        ranks = _deal(step, pair_tokens, world_size, per_rank)
+        ranks = _deal(step, cost, world_size, per_rank)
         if max_tokens_per_microbatch is not None:
-            plan.append([_first_fit(items, pair_tokens, max_tokens_per_microbatch) for items in ranks])
+            plan.append([_first_fit(items, cost, max_tokens_per_microbatch) for items in ranks])
         else:
             plan.append([
-                _deal(items, pair_tokens, -(-len(items) // pairs_per_microbatch), [pairs_per_microbatch] * len(items))
+                _deal(items, cost, -(-len(items) // pairs_per_microbatch), [pairs_per_microbatch] * len(items))
                 if items else [] for items in ranks
             ])  # fmt: skip
     return plan
@@ -333,8 +399,11 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         max_tokens_per_microbatch: int | None = None,
         pairs_per_microbatch: int | None = None,
         min_microbatches: int = 1,
+        packed_tokens: Sequence[int] | None = None,
     ):
         self.pair_tokens = list(pair_tokens)
+        # What each pair costs in a micro-batch (`plan_epoch`): fewer than pair_tokens with shared prompts.
+        self.packed_tokens = self.pair_tokens if packed_tokens is None else list(packed_tokens)
         self.pairs_per_step = pairs_per_step
         self.world_size = world_size
         self.epoch = 0
@@ -347,15 +416,16 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
                 epoch,
                 max_tokens_per_microbatch,
                 pairs_per_microbatch,
+                self.packed_tokens,
             )  # fmt: skip
             for epoch in range(num_epochs)
         ]
         needed = max(len(bins) for plan in plans for step in plan for bins in step)
         self.microbatches_per_step = max(needed, min_microbatches)
-        filler = min(range(len(self.pair_tokens)), key=lambda i: self.pair_tokens[i])
-        self._plans = [equalize_plan(p, self.microbatches_per_step, self.pair_tokens, filler) for p in plans]
+        filler = min(range(len(self.packed_tokens)), key=lambda i: self.packed_tokens[i])
+        self._plans = [equalize_plan(p, self.microbatches_per_step, self.packed_tokens, filler) for p in plans]
         self.oversized = sum(
-            1 for t in self.pair_tokens if max_tokens_per_microbatch is not None and t > max_tokens_per_microbatch
+            1 for t in self.packed_tokens if max_tokens_per_microbatch is not None and t > max_tokens_per_microbatch
         )
         if self.oversized:
             logger.warning(
@@ -387,8 +457,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     def step_digests(self) -> list[list[str]]:
         """`[epoch][step]`: a digest of the sorted ids of the pairs each step trains (fillers left out). What a resumed
         run must keep: the Trainer skips the steps already trained by count. The pairs of a step come from the seed,
-        the rows' token counts and `pairs_per_step` (`stratified_order`); the world size, the token budget and the
-        number of planned epochs only change how the step is split, so they leave the digests alone."""
+        the rows' token counts and `pairs_per_step` (`stratified_order`); the world size, the token budget, prompt
+        sharing and the number of planned epochs only change how the step is split, so they leave the digests alone."""
         return [
             [
                 hashlib.sha256(
@@ -401,7 +471,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
     def stats(self) -> dict[str, float]:
         """Token counts per micro-batch over epoch 0's plan, fillers included (what memory must hold)."""
-        sizes = [sum(self.pair_tokens[i] for i, _ in b) for step in self._plans[0] for bins in step for b in bins]
+        sizes = [sum(self.packed_tokens[i] for i, _ in b) for step in self._plans[0] for bins in step for b in bins]
         return {"microbatches": len(sizes), "max_tokens": max(sizes), "mean_tokens": sum(sizes) / len(sizes)}
 
 
