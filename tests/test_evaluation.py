@@ -223,3 +223,35 @@ def test_held_out_metrics_equal_a_recomputation_by_hand(tmp_path):
     assert train_ids == {r["pair_id"] for r in train_rows}
     assert train_ids.isdisjoint({r["pair_id"] for r in eval_rows})
     assert not math.isnan(metrics["eval_loss"])
+
+
+def test_a_resumed_run_evaluates_each_step_once(tmp_path):
+    """With eval_on_start, a run resumed from a checkpoint whose log holds that step's evaluation (eval_steps 2: step
+    4, evaluated before checkpoint-4 was saved) does not evaluate it again at its start; one resumed at a step never
+    evaluated (checkpoint-3) does. In-process, on the CPU."""
+    model = build_tiny_model("gpt_neox", VOCAB, seed=1)
+    rows = make_rows(24, seed=0)
+    for row in rows:
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = plain_logps(model, row)  # policy = reference at step 0
+
+    def train(output_dir, max_steps, resume=None):
+        args = DPOConfig(
+            output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", beta=5.0,
+            loss_type=["sigmoid_norm"], per_device_train_batch_size=2, per_device_eval_batch_size=4,
+            gradient_accumulation_steps=1, max_length=None, seed=0, logging_steps=1, disable_tqdm=True,
+            padding_free=True, precompute_ref_log_probs=True, max_steps=max_steps, eval_strategy="steps",
+            eval_steps=2, eval_on_start=True, save_strategy="steps", save_steps=3, learning_rate=1e-3,
+        )  # fmt: skip
+        trainer = FastDPOTrainer(
+            model=build_tiny_model("gpt_neox", VOCAB, seed=1), args=args,
+            train_dataset=datasets.Dataset.from_list(rows[:16]), eval_dataset=datasets.Dataset.from_list(rows[16:]),
+            processing_class=build_tiny_tokenizer(vocab_size=VOCAB), attn_backend="sdpa", max_tokens_per_microbatch=200,
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+
+    first = tmp_path / "first"
+    assert train(first, max_steps=4) == [0, 2, 4]
+    assert (first / "checkpoint-3").is_dir() and (first / "checkpoint-4").is_dir()
+    assert train(tmp_path / "raised", max_steps=6, resume=str(first / "checkpoint-4")) == [0, 2, 4, 6]
+    assert train(tmp_path / "again", max_steps=4, resume=str(first / "checkpoint-3")) == [0, 2, 3, 4]
