@@ -12,6 +12,8 @@ dataloader and loop on the packed path:
   training, logged with TRL's `eval_` prefix by `log`.
 - `EvaluateAtEnd`: with an eval dataset, the last step evaluates too, whatever `eval_steps` (before the final
   checkpoint is saved, so its trainer_state.json holds the figures).
+- `NoEvaluationTwiceOnResume`: a resumed run's `eval_on_start` skips the step it resumes at when that step's
+  evaluation is in the checkpoint's log already.
 - `StepTimer` and `log`: each training log gets `step_time_s` (mean wall time of the window's optimizer steps, data
   loading included, evaluation, logging and checkpoints excluded) and `tokens_per_second` (real training tokens of
   all ranks over those seconds).
@@ -76,6 +78,30 @@ class EvaluateAtEnd(TrainerCallback):
         return control
 
 
+class NoEvaluationTwiceOnResume(TrainerCallback):
+    """`eval_on_start` evaluates the step a run starts at. A resumed run starts at its checkpoint's step, whose
+    evaluation its log often holds already (an `eval_steps` boundary or the last step evaluates before the checkpoint
+    is saved): the step would be evaluated and logged twice. The Trainer checks `args.eval_on_start` right after
+    `on_train_begin` (`Trainer._inner_training_loop`, transformers 5) with no control flag for it, so this turns it off
+    there for that one `train()` call, and back on at its end. A step not evaluated yet is evaluated, as asked."""
+
+    def __init__(self):
+        self._turned_off = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        evaluated = any(
+            entry.get("step") == state.global_step and any(key.startswith("eval_") for key in entry)
+            for entry in state.log_history
+        )
+        if args.eval_on_start and state.global_step > 0 and evaluated:
+            logger.info("Step %d was evaluated before its checkpoint: not again at the start.", state.global_step)
+            args.eval_on_start, self._turned_off = False, True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._turned_off:
+            args.eval_on_start, self._turned_off = True, False
+
+
 class StepTimer(TrainerCallback):
     """Wall seconds and count of optimizer steps since the last `take()`. The clock restarts after each step and
     after anything else the Trainer does between steps (log, evaluate, save), so those are not counted."""
@@ -111,6 +137,7 @@ class PackedEvaluationMixin:
         self.add_callback(self._step_timer)
         if self.eval_dataset is not None:
             self.add_callback(EvaluateAtEnd())
+            self.add_callback(NoEvaluationTwiceOnResume())
 
     # --- data --------------------------------------------------------------------------------------------------------
 
