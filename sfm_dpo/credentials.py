@@ -132,28 +132,41 @@ def check_hub_access(hub_model_id: str) -> None:
     logger.info("Hub write access to %s checked.", hub_model_id)
 
 
-# What the push uploads, and nothing else: the model and tokenizer (sfm_dpo.run_status.MODEL_FILES), the model card
-# and the summaries. An allow-list: the folder also holds training_args.bin, run_config.yaml, the reference log-prob
-# cache (host names, absolute paths), checkpoints and logs, and whatever a later change writes there.
-PUSHED_FILES = (*MODEL_FILES, "README.md", "run_summary.json", "data_report.json")
-NOT_PUSHED = ("*/**",)  # top level only: fnmatch's '*' crosses '/', so checkpoint-N/model.safetensors would match
+# What the push uploads, and nothing else: the model and tokenizer (sfm_dpo.run_status.MODEL_FILES), the model card,
+# the summaries, the held-out split's record and the run report with its plots (sfm_dpo.run_report.REPORT_FILES), as
+# pathlib glob patterns in the output folder ('*' stays within one folder). An allow-list: the folder also holds
+# training_args.bin, run_config.yaml, the reference log-prob cache (host names, absolute paths), checkpoints and
+# logs, and whatever a later change writes there.
+PUSHED_FILES = (*MODEL_FILES, "README.md", "run_summary.json", "data_report.json", "eval_split.json")
+
+
+def pushed_files(output_dir: str | os.PathLike) -> list[str]:
+    """The files of `output_dir` that the push uploads (PUSHED_FILES and the run report), as sorted relative paths."""
+    from .run_report import REPORT_FILES
+
+    folder = Path(output_dir)
+    found = {p for pattern in (*PUSHED_FILES, *REPORT_FILES) for p in folder.glob(pattern) if p.is_file()}
+    return sorted(p.relative_to(folder).as_posix() for p in found)
 
 
 def push_final_model(output_dir: str, hub_model_id: str, private: bool | None) -> str:
-    """Uploads the final model folder's PUSHED_FILES (top level only) once training is done. We push ourselves rather
+    """Uploads the final model folder's `pushed_files` in one commit once training is done. We push ourselves rather
     than through `Trainer(push_to_hub=True)`, which creates the repo in `Trainer.__init__` (crashing runs on compute
-    nodes that cannot reach the Hub) and uploads every checkpoint (tens of GB each for a 7B model)."""
-    from huggingface_hub import HfApi
+    nodes that cannot reach the Hub) and uploads every checkpoint (tens of GB each for a 7B model). `create_commit`
+    with the files named, not `upload_folder`, whose fnmatch patterns cannot take plots/ and leave checkpoint-N/ out
+    ('*' crosses '/' there)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
+    folder = Path(output_dir)
+    files = pushed_files(folder)
     api = HfApi(token=hub_token())
     api.create_repo(hub_model_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
+    commit = api.create_commit(
         repo_id=hub_model_id,
-        folder_path=output_dir,
-        allow_patterns=list(PUSHED_FILES),
-        ignore_patterns=list(NOT_PUSHED),
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files],
         commit_message="DPO training finished",
     )
+    logger.info("Pushed %d files: %s", len(files), ", ".join(files))
     return str(commit)
 
 

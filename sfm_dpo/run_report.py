@@ -23,6 +23,12 @@ from .checkpoints import latest_complete_checkpoint
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+DATA_FILE = "report_data.json"
+# What of the report the Hub push uploads (sfm_dpo.credentials.pushed_files), as paths in the output folder. It holds
+# the logged figures, the folder, model and data paths and the recipe's learning rate and beta, no environment.
+REPORT_FILES = (REPORT_FILE, f"{PLOTS_DIR}/*.png", f"{PLOTS_DIR}/{DATA_FILE}")
 
 
 @dataclass(frozen=True)
@@ -253,11 +259,11 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
     if out_dir is None:
         out_dir = dirs[0] if len(dirs) == 1 else Path(*_common_parent(dirs)) / "comparison"
     out_dir = Path(out_dir)
-    plots_dir = out_dir / "plots"
+    plots_dir = out_dir / PLOTS_DIR
     plotted = plot_figures(runs, plots_dir)
-    (plots_dir / "report_data.json").write_text(json.dumps(plotted, indent=1) + "\n")
-    path = out_dir / "report.md"
-    path.write_text(render_markdown(runs, plotted, "plots"))
+    (plots_dir / DATA_FILE).write_text(json.dumps(plotted, indent=1) + "\n")
+    path = out_dir / REPORT_FILE
+    path.write_text(render_markdown(runs, plotted, PLOTS_DIR))
     return path
 
 

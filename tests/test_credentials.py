@@ -7,8 +7,6 @@ import shutil
 import pytest
 
 from sfm_dpo.credentials import (
-    NOT_PUSHED,
-    PUSHED_FILES,
     check_hub_access,
     configure_wandb,
     load_secrets,
@@ -143,22 +141,27 @@ def test_a_token_on_the_command_line_is_refused_unprinted(argv, capsys):
     refuse_token_arguments(["--config", "configs/think.yaml", "--hub_model_id", "org/name-DPO"])  # no token: passes
 
 
-def test_the_push_uploads_the_model_tokenizer_card_and_summaries_only():
-    """The output folder of a real run (2-process ZeRO-2, tests/test_train_e2e.py), through huggingface_hub's own
-    filter, the one upload_folder applies."""
-    from huggingface_hub.utils import filter_repo_objects
+def test_the_push_uploads_the_model_tokenizer_card_summaries_and_report_only(tmp_path):
+    """The output folder of a real run (2-process ZeRO-2, tests/test_train_e2e.py): the top-level model, tokenizer,
+    card, summaries, held-out split and run report with its plots; nothing from the checkpoints, caches or logs."""
+    from sfm_dpo.credentials import pushed_files
 
     folder = [
         "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
         "model.safetensors", "run_config.yaml", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
         "trainer_state.json", "training_args.bin", "run_identity.json", "run_status.json", "run.lock",
-        "run_owner.json", "eval_split.json", "ref_logps/f7019d94/meta.json", "ref_logps/f7019d94/ref_logps.npy",
-        "checkpoint-1/COMPLETE", "checkpoint-1/model.safetensors", "checkpoint-1/config.json",
-        "checkpoint-1/global_step1/mp_rank_00_model_states.pt", "checkpoint-1/training_args.bin",
-        "checkpoint-1/tokenizer.json", "wandb/run-1/files/config.yaml", "runs/events.out",
+        "run_owner.json", "eval_split.json", "report.md", "plots/loss.png", "plots/margins.png",
+        "plots/report_data.json", "plots/old/loss.png", "ref_logps/f7019d94/meta.json",
+        "ref_logps/f7019d94/ref_logps.npy", "checkpoint-1/COMPLETE", "checkpoint-1/model.safetensors",
+        "checkpoint-1/config.json", "checkpoint-1/report.md", "checkpoint-1/global_step1/mp_rank_00_model_states.pt",
+        "checkpoint-1/training_args.bin", "checkpoint-1/tokenizer.json", "wandb/run-1/files/config.yaml",
+        "runs/events.out", ".model.safetensors.123.tmp",
     ]  # fmt: skip
-    pushed = set(filter_repo_objects(folder, allow_patterns=list(PUSHED_FILES), ignore_patterns=list(NOT_PUSHED)))
-    assert pushed == {
+    for name in folder:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert pushed_files(tmp_path) == sorted([
         "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
-        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
-    }  # fmt: skip
+        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json", "eval_split.json",
+        "report.md", "plots/loss.png", "plots/margins.png", "plots/report_data.json",
+    ])  # fmt: skip
