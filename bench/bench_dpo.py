@@ -2,6 +2,7 @@
 
     python bench/bench_dpo.py --arch olmo3_1.5b            # both paths, one JSON + a Markdown row in --out
     python bench/bench_dpo.py --arch tiny_gpt_neox --pairs 24 --steps 3 --warmup-steps 1   # CPU smoke test
+    python bench/bench_dpo.py --shape instruct --max-length 4096 --paths stock,fast,fast_shared
 
 Each path runs in its own process (clean peak memory, nothing shared): first stock, then fast. The parent prints a
 table, checks that both give the same loss on the same first batch, and writes `--out/<date>_<arch>_<gpu>.json`.
@@ -12,6 +13,9 @@ table, checks that both give the same loss on the same first batch, and writes `
   pass through `sfm_dpo.ref_cache` with `sfm_dpo.packing.reference_logps_fn`; the reference model is not kept. The
   pass is timed (`ref_pass_s`) and counted in the fast path's throughput: combined tokens/s = 1 / (train s/token +
   reference-pass s/token).
+- fast_shared: the fast path with shared prompts (`share_prompt=True`: each pair's prompt computed once, in the
+  reference pass and in training). Its tokens/s count the tokens as the data holds them (prompt once per sequence, as
+  stock computes them), so that the rates compare; its MFU counts the tokens it computes.
 
 MFU (../shared/DEVICE.md): 6N FLOPs per real policy token + 2N per real reference token, N = all parameters,
 against 989 TFLOP/s (H100 dense bf16); padding and activation recompute not counted. Attention FLOPs (causal,
@@ -38,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 LN2 = math.log(2)
 PROBE_PAIRS = 4  # the "same first batch": the stock micro-batch size
+FAST_PATHS = ("fast", "fast_shared")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ def dpo_config(args, output_dir: str, fast: bool):
         max_steps=args.warmup_steps + args.steps,
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=args.fast_grad_ckpt if fast else True,
+        activation_checkpointing=args.fast_grad_ckpt if fast else True,
         padding_free=fast,
         precompute_ref_log_probs=fast,
         logging_steps=1,
@@ -82,7 +87,7 @@ class StepTimer:
     """TrainerCallback: wall time and real tokens of each optimizer step (synchronized clock)."""
 
     def __init__(self, counter: dict):
-        self.counter, self.times, self.tokens, self.pairs = counter, [], [], []
+        self.counter, self.times, self.tokens, self.computed, self.pairs = counter, [], [], [], []
 
     def _now(self):
         import torch
@@ -98,8 +103,9 @@ class StepTimer:
         now = self._now()
         self.times.append(now - self.last)
         self.tokens.append(int(self.counter["tokens"]))  # tensors summed on the device: read once a step, synced
+        self.computed.append(int(self.counter["computed"]) or self.tokens[-1])  # stock: counted in `tokens` only
         self.pairs.append(int(self.counter["pairs"]))
-        self.counter["tokens"] = self.counter["pairs"] = 0
+        self.counter["tokens"] = self.counter["computed"] = self.counter["pairs"] = 0
         self.last = now
 
     def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
@@ -129,6 +135,7 @@ def summarize(timer: StepTimer, warmup: int, n_params: int, attn_flops_per_token
 
     times = np.asarray(timer.times[warmup:])
     tokens = int(sum(timer.tokens[warmup:]))
+    computed = int(sum(timer.computed[warmup:]))
     pairs = int(sum(timer.pairs[warmup:]))
     seconds = float(times.sum())
     return {
@@ -142,6 +149,7 @@ def summarize(timer: StepTimer, warmup: int, n_params: int, attn_flops_per_token
         },  # fmt: skip
         "timed_seconds": seconds,
         "timed_tokens": tokens,
+        "timed_computed_tokens": computed,
         "timed_pairs": pairs,
         "train_tokens_per_s": tokens / seconds,
         "train_samples_per_s": pairs / seconds,
@@ -228,7 +236,7 @@ def probe_stock(trainer, dataset, args) -> dict:
             "loss_fixed_ref": float(fixed), "loss_step0": float(step0)}  # fmt: skip
 
 
-def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
+def run_fast(args, dataset, model, tokenizer, counter, timer, share_prompt: bool = False) -> dict:
     # Swap point: the fast path under test. Everything else in this function is set-up and measurement.
     import torch
     from accelerate import PartialState
@@ -239,7 +247,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
     from sfm_dpo.fast_path import REF_BUDGET_FACTOR
     from sfm_dpo.fast_trainer import FastDPOTrainer as FastTrainer
     from sfm_dpo.kernels import compile_decoder_layers
-    from sfm_dpo.packing import pack_pairs, packed_logps, reference_logps_fn
+    from sfm_dpo.packing import dataset_pair_tokens, pack_pairs, packed_logps, reference_logps_fn
 
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -252,7 +260,7 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
         compile_decoder_layers(model)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
     ref_budget = args.ref_token_budget or REF_BUDGET_FACTOR * args.token_budget
-    compute_fn = reference_logps_fn(model, device, max_tokens=ref_budget, context=autocast)
+    compute_fn = reference_logps_fn(model, device, max_tokens=ref_budget, context=autocast, share_prompt=share_prompt)
     start = _sync_now()
     if args.compile_layers:  # compile the no-grad graph outside the timed pass: once per run, not per token
         compute_fn([{k: dataset[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
@@ -266,10 +274,11 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
 
     class TimedFastTrainer(FastTrainer):
         def _compute_loss(self, model, inputs, return_outputs):
-            if model.training:
-                real = inputs["pair_weights"][inputs["sequence_index"] // 2] > 0
-                counter["tokens"] += real.sum()
-                counter["pairs"] += (inputs["pair_weights"] > 0).sum()
+            if model.training:  # tokens as the data holds them (prompt once per sequence), and those computed
+                weights = inputs["pair_weights"]
+                counter["tokens"] += (inputs["sequence_tokens"] * weights.repeat_interleave(2)).sum()
+                counter["computed"] += (weights[inputs["sequence_index"] // 2] > 0).sum()
+                counter["pairs"] += (weights > 0).sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
     callbacks = [timer]
@@ -281,30 +290,29 @@ def run_fast(args, dataset, model, tokenizer, counter, timer) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = TimedFastTrainer(model=model, args=dpo_config(args, out, fast=True), train_dataset=dataset,
                                    processing_class=tokenizer, callbacks=callbacks, attn_backend=backend,
-                                   max_tokens_per_microbatch=args.token_budget)  # fmt: skip
+                                   max_tokens_per_microbatch=args.token_budget, share_prompt=share_prompt)  # fmt: skip
         rows = probe_rows(dataset, model.config.vocab_size)
         cached = [{**r, "ref_chosen_logps": dataset[i]["ref_chosen_logps"],
                    "ref_rejected_logps": dataset[i]["ref_rejected_logps"]} for i, r in enumerate(rows)]  # fmt: skip
+
+        def packed(probe):
+            return _to_device(pack_pairs(probe, share_prompt=share_prompt), trainer.accelerator.device)
+
         with _eval_no_grad(trainer):
-            chosen, rejected, _, _ = packed_logps(
-                trainer.model, _to_device(pack_pairs(rows), trainer.accelerator.device)
-            )
-            fixed = trainer._compute_loss(
-                trainer.model, _to_device(pack_pairs(rows), trainer.accelerator.device), False
-            )
-            step0 = trainer._compute_loss(
-                trainer.model, _to_device(pack_pairs(cached), trainer.accelerator.device), False
-            )
+            chosen, rejected, _, _ = packed_logps(trainer.model, packed(rows))
+            fixed = trainer._compute_loss(trainer.model, packed(rows), False)
+            step0 = trainer._compute_loss(trainer.model, packed(cached), False)
         torch.cuda.reset_peak_memory_stats() if cuda else None
         trainer.train()
         micro = trainer.batch_sampler.microbatches_per_step
-    ref_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"],
-                                                                      dataset["rejected_ids"]))  # fmt: skip
+    ref_tokens = sum(dataset_pair_tokens(dataset))
+    ref_computed = sum(dataset_pair_tokens(dataset, share_prompt=share_prompt))
     return {
         "probe": {"policy_chosen_logps": chosen.float().tolist(), "policy_rejected_logps": rejected.float().tolist(),
                   "loss_fixed_ref": float(fixed), "loss_step0": float(step0)},
         "reference": "precomputed (sfm_dpo.ref_cache, packed forward), not kept",
-        "ref_pass_s": ref_pass_s, "ref_pass_tokens": ref_tokens, "ref_pass_pairs": len(dataset),
+        "ref_pass_s": ref_pass_s, "ref_pass_tokens": ref_tokens, "ref_pass_computed_tokens": ref_computed,
+        "ref_pass_pairs": len(dataset), "share_prompt": share_prompt,
         "ref_pass_peak_mem_gib": ref_peak, "attn_implementation": backend,
         "gradient_checkpointing": args.fast_grad_ckpt,
         "recomputed_layers": recompute.recomputed if args.fast_grad_ckpt else None,
@@ -331,7 +339,7 @@ def child(args) -> None:
 
     cuda = torch.cuda.is_available() and not args.cpu
     vocab = ARCHS[args.arch]["vocab_size"]
-    dataset = synthetic_dataset(args.pairs, vocab, args.max_length, seed=args.seed)
+    dataset = synthetic_dataset(args.pairs, vocab, args.max_length, seed=args.seed, shape=args.shape)
     start = time.perf_counter()
     model = build_model(args.arch, "cuda" if cuda else "cpu", seed=args.seed)
     load_s = time.perf_counter() - start
@@ -340,10 +348,12 @@ def child(args) -> None:
         len(p) + len(r) for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])
     ]
     attn_per_token = attention_flops(lengths, model.config) / sum(lengths)
-    counter = {"tokens": 0, "pairs": 0}
+    counter = {"tokens": 0, "computed": 0, "pairs": 0}
     timer = StepTimer(counter)
-    run = run_stock if args.child == "stock" else run_fast
-    extra = run(args, dataset, model, build_tiny_tokenizer(), counter, timer)
+    if args.child == "stock":
+        extra = run_stock(args, dataset, model, build_tiny_tokenizer(), counter, timer)
+    else:
+        extra = run_fast(args, dataset, model, build_tiny_tokenizer(), counter, timer, args.child == "fast_shared")
     result = {**summarize(timer, args.warmup_steps, n_params, attn_per_token), **extra,
               "peak_mem_gib": peak_memory_gib(), "model_init_s": load_s}  # fmt: skip
     if "ref_pass_peak_mem_gib" in result:
@@ -357,19 +367,24 @@ def child(args) -> None:
 
 
 def finish(path: str, r: dict, peak_flops: float) -> dict:
-    """samples/s, real tokens/s, MFU (8N per real token: 6N policy + 2N reference), reference pass counted."""
+    """samples/s, real tokens/s, MFU (8N per real token: 6N policy + 2N reference), reference pass counted. Real
+    tokens are the data's (prompt once per sequence); MFU counts the tokens computed, fewer with shared prompts."""
     n = r["n_params"]
-    if path == "fast":
+    train_computed = r["timed_computed_tokens"] / r["timed_tokens"]  # computed per data token, 1 unless shared
+    if path.startswith("fast"):
         train_s_per_token = 1 / r["train_tokens_per_s"]
         ref_s_per_token = r["ref_pass_s"] / r["ref_pass_tokens"]
         tokens_per_s = 1 / (train_s_per_token + ref_s_per_token)
         samples_per_s = 1 / (1 / r["train_samples_per_s"] + r["ref_pass_s"] / r["ref_pass_pairs"])
         r["ref_pass_tokens_per_s"] = r["ref_pass_tokens"] / r["ref_pass_s"]
+        ref_computed = r["ref_pass_computed_tokens"] / r["ref_pass_tokens"]
+        flops_per_token = 6 * n * train_computed + 2 * n * ref_computed
     else:
         tokens_per_s, samples_per_s = r["train_tokens_per_s"], r["train_samples_per_s"]
+        flops_per_token = 8 * n
     r["real_tokens_per_s"] = tokens_per_s
     r["samples_per_s"] = samples_per_s
-    r["mfu"] = 8 * n * tokens_per_s / peak_flops
+    r["mfu"] = flops_per_token * tokens_per_s / peak_flops
     # Attention: 3x forward for the policy (forward + backward), 1x for the reference.
     r["attn_tflops_per_s"] = 4 * r["attn_flops_per_token_fwd"] * tokens_per_s / 1e12
     r["mfu_with_attention"] = r["mfu"] + r["attn_tflops_per_s"] * 1e12 / peak_flops
@@ -419,7 +434,8 @@ def compare(stock: dict, fast: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="olmo3_1.5b")
-    parser.add_argument("--paths", default="stock,fast", help="comma list of stock,fast")
+    parser.add_argument("--paths", default="stock,fast", help="comma list of stock,fast,fast_shared")
+    parser.add_argument("--shape", default="think", choices=["think", "instruct"], help="synthetic length shape")
     parser.add_argument("--pairs", type=int, default=None, help="default: 32 x (warmup + steps)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
@@ -435,7 +451,7 @@ def main() -> int:
     parser.add_argument("--loss-tol", type=float, default=0.02, help="max |stock - fast| probe loss (bf16)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--tag", default="")
-    parser.add_argument("--child", choices=["stock", "fast"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["stock", "fast", "fast_shared"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.pairs = args.pairs or 32 * (args.warmup_steps + args.steps)
@@ -460,24 +476,31 @@ def main() -> int:
         results[path]["wall_s"] = time.perf_counter() - start
 
     record = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": gpu_name(), "arch": args.arch,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": gpu_name(), "arch": args.arch, "shape": args.shape,
         "model_params": next(iter(results.values()))["n_params"] if results else None, "world_size": 1,
         "pairs": args.pairs, "max_length": args.max_length, "warmup_steps": args.warmup_steps, "steps": args.steps,
         "pairs_per_step": 32, "peak_flops": PEAK_FLOPS, "versions": versions(), "command": command,
         **{path: r for path, r in results.items()}, "errors": errors,
     }  # fmt: skip
     ok = not errors
-    if "stock" in results and "fast" in results:
-        record["ref_pass_s"] = results["fast"]["ref_pass_s"]
-        record["speedup"] = results["fast"]["real_tokens_per_s"] / results["stock"]["real_tokens_per_s"]
-        record["speedup_train_only"] = results["fast"]["train_tokens_per_s"] / results["stock"]["real_tokens_per_s"]
-        record["same_first_batch"] = check = compare(results["stock"], results["fast"])
-        check["loss_ok"] = bool(check["loss_fixed_ref"]["abs_diff"] <= args.loss_tol
-                                and abs(check["loss_step0"]["stock"] - LN2) <= 1e-3
-                                and abs(check["loss_step0"]["fast"] - LN2) <= 1e-3)  # fmt: skip
-        ok = ok and check["loss_ok"]
-    elif "fast" in results:
-        record["ref_pass_s"] = results["fast"]["ref_pass_s"]
+    for path in FAST_PATHS:
+        if path not in results:
+            continue
+        suffix = "" if path == "fast" else f"_{path}"
+        record[f"ref_pass_s{suffix}"] = results[path]["ref_pass_s"]
+        if "stock" in results:
+            stock_rate = results["stock"]["real_tokens_per_s"]
+            record[f"speedup{suffix}"] = results[path]["real_tokens_per_s"] / stock_rate
+            record[f"speedup_train_only{suffix}"] = results[path]["train_tokens_per_s"] / stock_rate
+            record[f"same_first_batch{suffix}"] = check = compare(results["stock"], results[path])
+            check["loss_ok"] = bool(check["loss_fixed_ref"]["abs_diff"] <= args.loss_tol
+                                    and abs(check["loss_step0"]["stock"] - LN2) <= 1e-3
+                                    and abs(check["loss_step0"]["fast"] - LN2) <= 1e-3)  # fmt: skip
+            ok = ok and check["loss_ok"]
+    if "fast" in results and "fast_shared" in results:
+        record["shared_over_unshared"] = (
+            results["fast_shared"]["real_tokens_per_s"] / results["fast"]["real_tokens_per_s"]
+        )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = record["gpu"].replace(" ", "-").replace("/", "-")
@@ -489,11 +512,12 @@ def main() -> int:
 
 
 def report(record: dict) -> str:
-    lines = [f"{record['arch']} ({record['model_params'] / 1e9:.2f}B) on {record['gpu']}, {record['pairs']} pairs, "
-             f"{record['warmup_steps']} warm-up + {record['steps']} timed steps of 32 pairs"]  # fmt: skip
+    lines = [f"{record['arch']} ({record['model_params'] / 1e9:.2f}B) on {record['gpu']}, {record['pairs']} "
+             f"{record.get('shape', 'think')}-shaped pairs, {record['warmup_steps']} warm-up + {record['steps']} timed "
+             "steps of 32 pairs"]  # fmt: skip
     lines.append("| path | samples/s | real tok/s | MFU (8N) | +attn | peak GiB | step s median (min-max, cv) |")
     lines.append("|---|---|---|---|---|---|---|")
-    for path in ("stock", "fast"):
+    for path in ("stock", *FAST_PATHS):
         if path not in record:
             continue
         r = record[path]
@@ -503,20 +527,26 @@ def report(record: dict) -> str:
             f"{100 * r['mfu_with_attention']:.1f}% | {r['peak_mem_gib']:.1f} | {sp['median']:.2f} "
             f"({sp['min']:.2f}-{sp['max']:.2f}, {sp['cv']:.2f}) |"
         )
-    if "fast" in record:
-        f = record["fast"]
-        lines.append(f"fast: train only {f['train_tokens_per_s']:,.0f} tok/s, reference pass {f['ref_pass_s']:.1f} s "
+    for path in FAST_PATHS:
+        if path not in record:
+            continue
+        f = record[path]
+        lines.append(f"{path}: train only {f['train_tokens_per_s']:,.0f} tok/s, reference pass {f['ref_pass_s']:.1f} s "
                      f"({f['ref_pass_tokens_per_s']:,.0f} tok/s), {f['attn_implementation']}, "
                      f"{f['micro_batches_per_step']} micro-batches/step")  # fmt: skip
-    if "speedup" in record:
-        c = record["same_first_batch"]
-        lines.append(f"speedup (fast/stock real tok/s, reference pass counted): {record['speedup']:.2f}x "
-                     f"(train only {record['speedup_train_only']:.2f}x)")  # fmt: skip
-        lines.append(f"same first batch: loss stock {c['loss_fixed_ref']['stock']:.5f} fast "
+        suffix = "" if path == "fast" else f"_{path}"
+        if f"speedup{suffix}" not in record:
+            continue
+        c = record[f"same_first_batch{suffix}"]
+        lines.append(f"speedup ({path}/stock real tok/s, reference pass counted): {record[f'speedup{suffix}']:.2f}x "
+                     f"(train only {record[f'speedup_train_only{suffix}']:.2f}x)")  # fmt: skip
+        lines.append(f"same first batch: loss stock {c['loss_fixed_ref']['stock']:.5f} {path} "
                      f"{c['loss_fixed_ref']['fast']:.5f} (|diff| {c['loss_fixed_ref']['abs_diff']:.1e}); step-0 loss "
-                     f"stock {c['loss_step0']['stock']:.5f} fast {c['loss_step0']['fast']:.5f} (ln 2 = {LN2:.5f}); "
+                     f"stock {c['loss_step0']['stock']:.5f} {path} {c['loss_step0']['fast']:.5f} (ln 2 = {LN2:.5f}); "
                      f"policy log-probs max rel diff {c['policy_logps_max_rel_diff']:.1e}; "
                      f"{'OK' if c['loss_ok'] else 'MISMATCH'}")  # fmt: skip
+    if "shared_over_unshared" in record:
+        lines.append(f"shared prompts: {record['shared_over_unshared']:.3f}x the unshared fast path's real tok/s")
     if record["errors"]:
         lines.append(f"FAILED: {record['errors']}")
     return "\n".join(lines)

@@ -1,8 +1,12 @@
-"""Synthetic Dolci-Think-shaped preference data and random-init models of the benchmark shapes.
+"""Synthetic Dolci-shaped preference data and random-init models of the benchmark shapes.
 
-Lengths are log-normal, fitted to the medians and 95th percentiles of allenai/Dolci-Think-DPO-7B: chosen
+Lengths are log-normal. `think` is fitted to the medians and 95th percentiles of allenai/Dolci-Think-DPO-7B: chosen
 completions median 1,864 / p95 11,903 tokens, rejected 1,154 / 9,518, prompts median ~60 / p95 ~400 (the seed's
-114 / 793 counted the prompt twice). A log-normal with median m and p95 q has mu = ln m, sigma = (ln q - ln m) / 1.645.
+114 / 793 counted the prompt twice); its prompts are 2.3% of a pair's packed tokens (2P + C + R). `instruct` is fitted
+to allenai/Dolci-Instruct-DPO as far as its published figures go (single-turn: 96% of its pairs): the prompt plus the
+longer completion has a median of ~680 tokens (696 here) and the prompt is ~17% of a pair's packed tokens (16.8% here),
+1,344 packed tokens per pair on average at max_length 4096. A log-normal with median m and p95 q has mu = ln m,
+sigma = (ln q - ln m) / 1.645.
 Each sequence (prompt + completion) is then cut to `max_length` by dropping the end of the completion, as
 `sfm_dpo.data` does. Token ids are uniform random in [1, vocab) (never the pad/eos id 0, never all zeros).
 """
@@ -12,7 +16,11 @@ import math
 import numpy as np
 
 Z95 = 1.6448536269514722  # standard normal 95th percentile
-LENGTH_STATS = {"prompt": (60, 400), "chosen": (1864, 11903), "rejected": (1154, 9518)}  # (median, p95) tokens
+SHAPES = {  # (median, p95) tokens of the prompt, chosen and rejected completions
+    "think": {"prompt": (60, 400), "chosen": (1864, 11903), "rejected": (1154, 9518)},
+    "instruct": {"prompt": (100, 900), "chosen": (330, 1300), "rejected": (300, 1200)},
+}
+LENGTH_STATS = SHAPES["think"]
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, p95: float, minimum: int = 1) -> np.ndarray:
@@ -20,21 +28,24 @@ def lognormal_lengths(rng: np.random.Generator, n: int, median: float, p95: floa
     return np.maximum(minimum, np.round(rng.lognormal(math.log(median), sigma, n))).astype(np.int64)
 
 
-def synthetic_lengths(n_pairs: int, max_length: int, seed: int = 0, max_prompt_length: int | None = None):
+def synthetic_lengths(
+    n_pairs: int, max_length: int, seed: int = 0, max_prompt_length: int | None = None, shape: str = "think"
+):
     """`(prompt, chosen, rejected)` token counts, shape (n_pairs,) each, after the per-sequence cap."""
     rng = np.random.default_rng(seed)
-    prompt, chosen, rejected = (lognormal_lengths(rng, n_pairs, *LENGTH_STATS[k]) for k in LENGTH_STATS)
+    stats = SHAPES[shape]
+    prompt, chosen, rejected = (lognormal_lengths(rng, n_pairs, *stats[k]) for k in ("prompt", "chosen", "rejected"))
     prompt = np.minimum(prompt, max_prompt_length or max_length // 2)
     chosen = np.minimum(chosen, max_length - prompt)
     rejected = np.minimum(rejected, max_length - prompt)
     return prompt, chosen, rejected
 
 
-def synthetic_dataset(n_pairs: int, vocab_size: int, max_length: int, seed: int = 0):
+def synthetic_dataset(n_pairs: int, vocab_size: int, max_length: int, seed: int = 0, shape: str = "think"):
     """A `datasets.Dataset` with `prompt_ids`, `chosen_ids`, `rejected_ids` (the columns `sfm_dpo.data` produces)."""
     from datasets import Dataset
 
-    prompt, chosen, rejected = synthetic_lengths(n_pairs, max_length, seed)
+    prompt, chosen, rejected = synthetic_lengths(n_pairs, max_length, seed, shape=shape)
     rng = np.random.default_rng(seed + 1)
 
     def ids(n):

@@ -88,6 +88,15 @@ class ScriptArguments(trl.ScriptArguments):
             "training at 1.5B, +8%% training and +17%% reference pass at 6.86B with gradient checkpointing."
         },
     )
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Fast path: compute each pair's prompt once; the rejected completion attends to the chosen "
+            "sequence's prompt keys (sfm_dpo/packing.py). The same log-probs and gradients as unshared, a prompt's "
+            "tokens fewer per pair, in training and in the reference pass. Needs the varlen, flex or sdpa attention "
+            "backend (probed at start-up; off, with a warning, where it is not exact)."
+        },
+    )
     recompute_layers: str = field(
         default="auto",
         metadata={

@@ -128,7 +128,7 @@ class StepTimer(TrainerCallback):
 
 class PackedEvaluationMixin:
     """Put before `SFMDPOTrainer` in `FastDPOTrainer`'s bases. Expects `FastDPOTrainer`'s `packed`,
-    `max_tokens_per_microbatch` and `_compute_loss` (eval mode: the pair-weighted mean of the micro-batch)."""
+    `max_tokens_per_microbatch`, `share_prompt` and `_compute_loss` (eval mode: the pair-weighted mean of the micro-batch)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -151,13 +151,13 @@ class PackedEvaluationMixin:
             raise ValueError("Evaluation needs an eval dataset: pass --eval_split_ratio.")
         budget = self.max_tokens_per_microbatch
         plan = plan_eval(
-            dataset_pair_tokens(dataset), self.args.world_size, max_tokens_per_microbatch=budget,
+            dataset_pair_tokens(dataset, self.share_prompt), self.args.world_size, max_tokens_per_microbatch=budget,
             pairs_per_microbatch=None if budget else self.args.per_device_eval_batch_size,
         )  # fmt: skip
         return torch.utils.data.DataLoader(
             PlannedDataset(dataset),
             batch_sampler=EvalBatchSampler(plan, self.args.process_index),
-            collate_fn=PackedPreferenceCollator(),
+            collate_fn=PackedPreferenceCollator(self.share_prompt),
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )

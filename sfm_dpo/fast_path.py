@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from trl.trainer.utils import add_fused_lm_head
 
 from . import ref_cache
-from .attention import apply_backend, select_backend_for_model
+from .attention import apply_backend, select_backend_for_model, shared_prompt_supported
 from .fast_trainer import FastDPOTrainer
 from .kernels import compile_decoder_layers, layers_compiled
 from .packing import reference_logps_fn
@@ -71,8 +71,9 @@ def reference_precision(bf16: bool, fp16: bool, deepspeed: bool, device: torch.d
 
 
 def attach_reference_logps(
-    model, dataset, script_args, training_args, model_args, tokenizer, backend: str, should_stop=None
-):
+    model, dataset, script_args, training_args, model_args, tokenizer, backend: str, should_stop=None,
+    share_prompt: bool = False,
+):  # fmt: skip
     """One data-parallel pass of the (still untrained) model over the data, cached on disk; the trainer then keeps no
     reference model. Returns `(dataset with the reference columns, the cache folder)`. A resumed job finds the cache;
     were it gone, the model loaded here is still the reference (the checkpoint's weights are loaded later, by
@@ -96,7 +97,7 @@ def attach_reference_logps(
     budget = script_args.ref_tokens_per_batch or REF_BUDGET_FACTOR * (
         script_args.max_tokens_per_microbatch or 2 * training_args.max_length
     )
-    compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast)
+    compute_fn = reference_logps_fn(model, device, max_tokens=budget, context=autocast, share_prompt=share_prompt)
     cache_dir = default_ref_cache_dir(script_args, training_args)
     precision = f"{model.dtype}{f'+autocast-{autocast_dtype}' if autocast_dtype else ''}"
     # Rank 0 digests the weights (once per file: the digests are stored in the cache) and tells the others.
@@ -151,6 +152,7 @@ def build_trainer(
             "--padding_free false for the stock path."
         )
     backend = select_backend_for_model(script_args.attn_backend, model, training_args)
+    share_prompt = resolve_share_prompt(script_args.share_prompt, backend, model, training_args)
     if script_args.compile_layers:
         # Before the reference pass, so that it runs compiled too (faster, and the same kernels as training). Under
         # gradient checkpointing the checkpoint stays eager around each compiled layer (sfm_dpo/kernels.py).
@@ -158,12 +160,13 @@ def build_trainer(
     reference_cache = None
     if training_args.precompute_ref_log_probs:
         train_dataset, reference_cache = attach_reference_logps(
-            model, train_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop
+            model, train_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop, share_prompt
         )
         if eval_dataset is not None:  # the held-out pairs: their own entry of the same cache
             common["eval_dataset"], _ = attach_reference_logps(
-                model, eval_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop
-            )
+                model, eval_dataset, script_args, training_args, model_args, tokenizer, backend, should_stop,
+                share_prompt,
+            )  # fmt: skip
     # Recompute only the layers the GPU's memory needs (planned once DeepSpeed is up; sfm_dpo/recompute.py).
     budget = script_args.max_tokens_per_microbatch or 2 * training_args.max_length
     common["callbacks"] = [*(callbacks or []), RecomputePlanCallback(script_args.recompute_layers, budget)]
@@ -174,5 +177,21 @@ def build_trainer(
         reference_cache=None if reference_cache is None else str(reference_cache),
         max_tokens_per_microbatch=script_args.max_tokens_per_microbatch,
         pairs_per_step=script_args.effective_batch_size,
+        share_prompt=share_prompt,
         **common,
     )
+
+
+def resolve_share_prompt(requested: bool, backend: str, model, training_args) -> bool:
+    """`--share_prompt`, unless `backend` does not compute the shared layout exactly on this device (probed): then off,
+    with a warning saying why, since the unshared layout computes the same values."""
+    if not requested:
+        return False
+    reason = shared_prompt_supported(backend, model, training_args)
+    if reason is not None:
+        logger.warning(
+            "--share_prompt: off, the %s attention backend cannot share prompts here (%s).", backend, reason
+        )
+        return False
+    logger.info("Shared prompts: each pair's prompt is computed once (%s attention).", backend)
+    return True

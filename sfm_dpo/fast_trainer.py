@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.trainer_callback import ExportableState, TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
-from .attention import apply_backend, select_backend_for_model
+from .attention import apply_backend, select_backend_for_model, shared_prompt_supported
 from .evaluation import PackedEvaluationMixin
 from .packing import (
     REF_COLUMNS,
@@ -178,6 +178,8 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
     pairs_per_step: pairs per optimizer step over all ranks; default per_device x accumulation x world size.
     reference_cache: the folder the precomputed reference log-probs were read from (or written to), named in the
         errors of the start-of-training check that the policy still reproduces them; None when not cached.
+    share_prompt: compute each pair's prompt once (`sfm_dpo.packing.pack_pairs`); the attention backend must compute
+        the shared layout exactly here (probed; refused otherwise).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         max_tokens_per_microbatch: int | None = None,
         pairs_per_step: int | None = None,
         reference_cache: str | None = None,
+        share_prompt: bool = False,
         train_dataset=None,
         data_collator=None,
         **kwargs,
@@ -212,6 +215,14 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
             raise ValueError(f"max_tokens_per_microbatch must be positive, got {max_tokens_per_microbatch}.")
 
         self.attn_backend = select_backend_for_model(attn_backend, model, args)
+        self.share_prompt = share_prompt
+        if share_prompt:
+            reason = shared_prompt_supported(self.attn_backend, model, args)
+            if reason is not None:
+                raise ValueError(
+                    f"share_prompt=True, but the {self.attn_backend} attention backend does not compute the shared "
+                    f"layout here: {reason}. Use another attn_backend or share_prompt=False."
+                )
         apply_backend(model, self.attn_backend)
         if ref_model is not None:
             apply_backend(ref_model, self.attn_backend)
@@ -234,16 +245,19 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
             num_epochs=num_epochs,
             max_tokens_per_microbatch=max_tokens_per_microbatch,
             pairs_per_microbatch=None if max_tokens_per_microbatch else args.per_device_train_batch_size,
+            packed_tokens=dataset_pair_tokens(train_dataset, share_prompt=True) if share_prompt else None,
         )
         n_micro = self.batch_sampler.microbatches_per_step
         stats = self.batch_sampler.stats()
         logger.info(
             "Packed batches: %d pairs per optimizer step on %d ranks, %d micro-batches per rank and step (%s), "
-            "micro-batch tokens max %d, mean %.0f.",
+            "micro-batch tokens max %d, mean %.0f%s.",
             self.pairs_per_step, world_size, n_micro,
             f"token budget {max_tokens_per_microbatch}" if max_tokens_per_microbatch
             else f"{args.per_device_train_batch_size} pairs each",
             stats["max_tokens"], stats["mean_tokens"],
+            f"; prompts shared: {sum(self.batch_sampler.packed_tokens):,} tokens computed of "
+            f"{sum(self.batch_sampler.pair_tokens):,}" if share_prompt else "",
         )  # fmt: skip
         if n_micro != args.gradient_accumulation_steps:
             logger.info(
@@ -258,8 +272,8 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         try:
             with _without_trl_model_hash():
                 super().__init__(
-                    model, ref_model, args, data_collator=PackedPreferenceCollator(), train_dataset=train_dataset,
-                    **kwargs,
+                    model, ref_model, args, data_collator=PackedPreferenceCollator(share_prompt),
+                    train_dataset=train_dataset, **kwargs,
                 )  # fmt: skip
         finally:
             args.padding_free = True
@@ -445,7 +459,9 @@ class FastDPOTrainer(PackedEvaluationMixin, SFMDPOTrainer):
         ):
             sums.append(values[0].float()[mask].sum() if values is not None else mask.new_zeros((), dtype=torch.float))
             counts.append(mask.sum().float() if values is not None else mask.new_zeros((), dtype=torch.float))
-        real_tokens = (weights[sequence_index // 2] > 0).sum().float()
+        # Tokens of the real pairs as the data holds them (prompt once per sequence, as stock TRL counts them), however
+        # many the row computed: num_tokens and tokens_per_second stay comparable with and without shared prompts.
+        real_tokens = (inputs["sequence_tokens"].to(weights) * weights.repeat_interleave(2)).sum()
         local = torch.stack([torch.stack(sums), torch.stack(counts).to(sums[0])])
         local = torch.cat([local, torch.stack([real_tokens, real_tokens]).to(local)[:, None]], dim=1)
         window = self._window[mode]

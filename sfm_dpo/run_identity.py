@@ -71,7 +71,7 @@ NOT_IDENTITY = frozenset(
         "activation_offloading", "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
         "use_liger_kernel", "liger_kernel_config", "tf32", "dataset_num_proc", "precompute_ref_batch_size",
         "max_tokens_per_microbatch", "ref_tokens_per_batch", "compile_layers", "attn_backend", "attn_implementation",
-        "max_consecutive_nonfinite", "recompute_layers", "use_cache",
+        "max_consecutive_nonfinite", "recompute_layers", "use_cache", "share_prompt",
         # The machine: device, world and launcher settings (a run may resume on another number of GPUs).
         "use_cpu", "local_rank", "deepspeed", "fsdp", "fsdp_config", "accelerator_config", "parallelism_config",
         "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",

@@ -46,8 +46,8 @@ def make_args(tmp_path, **overrides) -> DPOConfig:
 
 
 def build(trainer_cls, tmp_path, rows, arch="gpt_neox", ref_model=True, **kwargs):
-    trainer_kwargs = {k: kwargs.pop(k) for k in ("attn_backend", "max_tokens_per_microbatch", "reference_cache")
-                      if k in kwargs}  # fmt: skip
+    trainer_kwargs = {k: kwargs.pop(k) for k in ("attn_backend", "max_tokens_per_microbatch", "reference_cache",
+                                                 "share_prompt") if k in kwargs}  # fmt: skip
     args = make_args(tmp_path, **kwargs)
     model = build_tiny_model(arch, VOCAB, seed=1)
     ref = build_tiny_model(arch, VOCAB, seed=2) if ref_model else None  # a reference unlike the policy: margins != 0

@@ -168,6 +168,47 @@ def test_sharing_changes_how_steps_split_not_which_pairs_they_hold():
                 assert len(b) == 1 or sum(shared[i] for i, _ in b) <= 2048
 
 
+def test_a_shared_prompt_step_equals_the_stock_trl_step(tmp_path):
+    """16 pairs = one optimizer step. Stock TRL (4 padded pairs x 4 accumulation steps, with a reference model)
+    against the fast path with shared prompts in token-budget micro-batches: equal SGD updates (= equal gradients),
+    equal loss, and the tokens counted as the data holds them (the unshared fast path's count)."""
+    from test_fast_trainer import assert_close_to_max, build, make_rows, parameters
+
+    from sfm_dpo.fast_trainer import FastDPOTrainer
+    from sfm_dpo.trainer import SFMDPOTrainer
+
+    rows = make_rows(16, seed=6, max_completion=40)
+    common = dict(loss_type=["sigmoid_norm"], optim="sgd", learning_rate=1.0, max_grad_norm=0.0, max_steps=1,
+                  lr_scheduler_type="constant", per_device_train_batch_size=4, gradient_accumulation_steps=4)  # fmt: skip
+    stock = build(SFMDPOTrainer, tmp_path / "stock", rows, arch="olmo3", **common)
+    fast = {
+        share: build(
+            FastDPOTrainer,
+            tmp_path / f"fast-{share}",
+            rows,
+            arch="olmo3",
+            attn_backend="sdpa",
+            max_tokens_per_microbatch=160,
+            share_prompt=share,
+            **common,
+        )  # fmt: skip
+        for share in (False, True)
+    }
+    shared = fast[True]
+    assert shared.batch_sampler.stats()["mean_tokens"] < fast[False].batch_sampler.stats()["mean_tokens"]
+    assert shared.batch_sampler.step_digests() == fast[False].batch_sampler.step_digests()
+    before = parameters(stock.model)
+    stock_result = stock.train()
+    results = {share: trainer.train() for share, trainer in fast.items()}
+    assert results[True].training_loss == pytest.approx(stock_result.training_loss, rel=1e-5)
+    after_stock, after_shared = parameters(stock.model), parameters(shared.model)
+    for name in before:
+        assert_close_to_max(after_shared[name] - before[name], after_stock[name] - before[name], name)
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    logged = {share: [e["num_tokens"] for e in t.state.log_history if "loss" in e] for share, t in fast.items()}
+    assert logged[True] == logged[False] == [tokens]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_backends_compute_the_shared_layout(arch):
