@@ -28,7 +28,7 @@ print("varlen_attn", inspect.signature(varlen_attn))
 PY
 } 2>&1 | tee "$OUT/env.txt"
 if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
-  timeout 300 python3 -m pytest -q --run-gpu -m gpu -p no:cacheprovider tests/test_attention_backends.py tests/test_prompt_sharing.py 2>&1 | tail -15 | tee -a "$OUT/env.txt"
+  timeout "${GPU_TEST_TIMEOUT:-300}" python3 -m pytest -q --run-gpu -m gpu -p no:cacheprovider tests/test_attention_backends.py tests/test_prompt_sharing.py 2>&1 | tail -15 | tee -a "$OUT/env.txt"
 fi
 bench() {  # bench GROUP INDEX [GPU]
   local arch=${1%%:*} extra="" log="$OUT/log_$2_${1%%:*}.txt"
