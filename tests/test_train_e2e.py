@@ -84,6 +84,10 @@ def test_trains_under_deepspeed_zero2_and_saves(first_run, demo_assets):
         assert (output_dir / name).exists(), name
     assert (output_dir / "checkpoint-6" / "COMPLETE").exists()
     assert json.loads((output_dir / "run_identity.json").read_text())["settings"]["beta"] == 5.0
+    # The run identity's file digests (the data's too) are stored with the reference pass's: weights read once.
+    digests = (output_dir.parent / "ref_cache" / "file_digests").glob("*.json")
+    stored = {json.loads(p.read_text())["path"] for p in digests}
+    assert {str(demo_assets["think"].resolve()), str((demo_assets["model"] / "model.safetensors").resolve())} <= stored
     # What a ZeRO-2 bf16 checkpoint holds per parameter, the disk check's figure (sfm_dpo/preflight.py): the bf16
     # safetensors, DeepSpeed's bf16 module states and the 2 ranks' fp32 master weights + Adam moments.
     from sfm_dpo.preflight import CHECKPOINT_BYTES_PER_PARAM, count_parameters
@@ -203,7 +207,7 @@ def local_hub():
 
 def test_a_rerun_pushes_what_a_failed_push_left(first_run, demo_assets, local_hub):
     """The Hub reachable again: the same command trains nothing and pushes the final model; the upload holds the
-    model, tokenizer, card and summaries only, and no secret."""
+    model, tokenizer, card, summaries, held-out split and run report (report.md and its plots) only, and no secret."""
     output_dir, _ = first_run
     result = launch(
         demo_assets, output_dir, "--max_steps", "6", "--push_to_hub", "true", "--hub_model_id", "test-org/tiny-DPO",
@@ -216,11 +220,16 @@ def test_a_rerun_pushes_what_a_failed_push_left(first_run, demo_assets, local_hu
     assert (status["state"], status["stages"]["push"]["repo"], status["stages"]["push"]["step"]) == (
         "done", "test-org/tiny-DPO", 6,
     )  # fmt: skip
+    plots = {f"plots/{p.name}" for p in (output_dir / "plots").glob("*.png")}
+    assert {"plots/loss.png", "plots/margins.png", "plots/learning_rate.png"} <= plots  # the run report's figures
     assert set(local_hub.files) == {
         "README.md", "chat_template.jinja", "config.json", "data_report.json", "generation_config.json",
-        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json",
+        "model.safetensors", "run_summary.json", "tokenizer.json", "tokenizer_config.json", "eval_split.json",
+        "report.md", "plots/report_data.json", *plots,
     }  # fmt: skip
-    assert local_hub.files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "report.md", "plots/loss.png", "eval_split.json"):
+        assert local_hub.files[name] == (output_dir / name).read_bytes(), name
+    assert "![loss](plots/loss.png)" in local_hub.files["report.md"].decode()  # the links resolve on the Hub
     for value in SECRETS.values():
         assert not any(value.encode() in blob for blob in local_hub.files.values())
 
