@@ -151,7 +151,7 @@ def test_a_failed_push_is_retried_without_training(first_run, demo_assets):
 
 
 class _LocalHub(http.server.BaseHTTPRequestHandler):
-    """Stands in for the Hub on 127.0.0.1, speaking the part of its HTTP API that huggingface_hub's upload_folder
+    """Stands in for the Hub on 127.0.0.1, speaking the part of its HTTP API that huggingface_hub's create_commit
     uses: whoami, repo creation, model card validation, preupload (every file as a regular git blob, so no LFS or Xet
     transfer) and the ndjson commit, whose files it records (server.files: path -> bytes)."""
 
