@@ -7,6 +7,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# One single-node Slurm cluster per session, here so that every module shares it (a fixture imported into a test
+# module is that module's own: a second cluster, and a second reference job).
+from tests.slurm_cluster import slurm_cluster  # noqa: E402, F401
+
 # No test may reach the network: the Hub is unreachable here and in CI.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -57,3 +61,13 @@ def tiny_tokenizer(demo_assets):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_assets["model"])
+
+
+@pytest.fixture(scope="session")
+def reference_job(slurm_cluster, demo_assets, tmp_path_factory):  # noqa: F811
+    """The uninterrupted 1-node, 2-process batch job of the demo's values (tests/test_slurm.py): what the preempted
+    job of tests/test_slurm.py and the 2-node job of tests/test_multinode.py must equal. One job for both: a launch
+    costs half a minute."""
+    from tests.test_slurm import run_reference_job
+
+    return run_reference_job(slurm_cluster, demo_assets, tmp_path_factory.mktemp("slurm") / "reference")

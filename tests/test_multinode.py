@@ -5,8 +5,9 @@ launcher's multi-node path: one `accelerate launch` per node through srun, MASTE
 c10d rendezvous there, DeepSpeed ZeRO-2 over gloo between the nodes' own addresses, SIGUSR1 forwarded to every node,
 requeue and resume. One CPU process per node (CPU_PROCESSES=1, the launcher's CPU fallback; the GPUs are fake).
 
-- The reference: the same arguments on one node, 2 processes, no Slurm (`bash scripts/launch.sh think ...`). Same
-  world size, same global batch: every step's logged numbers and the final weights must be the same.
+- The reference: the same arguments as a 1-node batch job of 2 processes (tests/test_slurm.py's uninterrupted job,
+  fixture `reference_job`, whose periodic checkpoints change no number). Same world size, same global batch: every
+  step's logged numbers and the final weights must be the same.
 - One 2-node job is sent SIGUSR1 mid-training (`scancel --signal=USR1 --batch`): the launcher forwards it to both
   nodes, both ranks save their part of one checkpoint, the job requeues itself and the second life resumes and
   finishes. Its step log (both lives, from trainer_state.json) and its final weights equal the reference's, exactly
@@ -19,7 +20,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from tests.multinode_cluster import multinode_cluster  # noqa: F401  (the fixture)
-from tests.slurm_cluster import _free_port
 from tests.test_slurm import SBATCH_TIMEOUT, demo_overrides, final_weights, job_id_of, sbatch
 
 pytestmark = pytest.mark.multinode
@@ -86,28 +85,15 @@ def finish(proc, job_id: str) -> tuple[int, str]:
     return proc.returncode, job_log(job_id)
 
 
-@pytest.fixture(scope="module")
-def one_node_run(demo_assets, tmp_path_factory):
-    """The same training on one node, 2 processes, no Slurm: the reference."""
-    output_dir = tmp_path_factory.mktemp("multinode") / "one-node"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
-    env.update(CPU_PROCESSES="2", MASTER_PORT=str(_free_port()))
-    cmd = ["bash", "scripts/launch.sh", "think", *demo_overrides(demo_assets, output_dir, **TRAIN_ARGS)]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    assert "processes  2 = 1 x 2  on CPU" in log
-    return output_dir
-
-
 def test_two_node_job_matches_one_node_and_resumes_after_usr1(
     multinode_cluster,  # noqa: F811
     demo_assets,
-    one_node_run,
+    reference_job,
     tmp_path,
 ):
     cluster = multinode_cluster
+    assert reference_job["rc"] == 0, reference_job["log"]
+    one_node_run = reference_job["output_dir"]
     output_dir = tmp_path / "two-node"
     proc, job_id = submit_two_node_job(cluster, demo_assets, output_dir)
     wait_for_training(proc, job_id)

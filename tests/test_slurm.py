@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import cluster_unavailable, slurm_cluster  # noqa: F401  (the fixture)
+from tests.slurm_cluster import cluster_unavailable
 
 pytestmark = pytest.mark.slurm
 
@@ -92,10 +92,10 @@ def expected_steps(output_dir: Path) -> int:
     return math.ceil(pairs / 16)
 
 
-@pytest.fixture(scope="module")
-def reference_job(slurm_cluster, demo_assets, tmp_path_factory):  # noqa: F811
-    output_dir = tmp_path_factory.mktemp("slurm") / "reference"
-    proc = sbatch(slurm_cluster, "scripts/dpo_train.sh", *demo_overrides(demo_assets, output_dir))
+def run_reference_job(cluster, assets: dict, output_dir: Path) -> dict:
+    """The uninterrupted 1-node batch job (2 CPU processes) of the demo's values: fixture `reference_job` of
+    tests/conftest.py, run once per session for this module and tests/test_multinode.py."""
+    proc = sbatch(cluster, "scripts/dpo_train.sh", *demo_overrides(assets, output_dir))
     job_id = job_id_of(proc)
     rc, log = finish(proc, job_id)
     return {"rc": rc, "log": log, "output_dir": output_dir, "job_id": job_id}
@@ -115,7 +115,7 @@ def test_job_trains_and_saves(reference_job):
     assert any((path / "COMPLETE").exists() for path in output_dir.glob("checkpoint-*"))
 
 
-def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, demo_assets, reference_job, tmp_path):  # noqa: F811
+def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, demo_assets, reference_job, tmp_path):
     output_dir = tmp_path / "preempted"
     # No periodic checkpoint: the only one before the end is the preemption's.
     proc = sbatch(slurm_cluster, "scripts/dpo_train.sh", *demo_overrides(demo_assets, output_dir, save_steps=1000))
@@ -148,7 +148,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, demo_assets, 
         assert torch.equal(resumed[name], tensor), f"{name} differs from the uninterrupted run"
 
 
-def test_bad_config_fails_with_a_clear_message(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+def test_bad_config_fails_with_a_clear_message(slurm_cluster, demo_assets, tmp_path):
     args = demo_overrides(demo_assets, tmp_path / "bad") + ["--learning_rat", "1e-6"]
     proc = sbatch(slurm_cluster, "scripts/dpo_train.sh", *args)
     job_id = job_id_of(proc)
@@ -210,7 +210,7 @@ def signal_at_start(cluster, job_id: str, timeout: float = 60) -> None:
     cluster.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
 
-def test_signal_at_start_up_requeues_through_a_failing_scontrol_and_completes(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+def test_signal_at_start_up_requeues_through_a_failing_scontrol_and_completes(slurm_cluster, demo_assets, tmp_path):
     output_dir = tmp_path / "early"
     env = failing_scontrol(slurm_cluster, tmp_path / "bin", failures=1)
     proc = sbatch(
@@ -233,7 +233,7 @@ def test_signal_at_start_up_requeues_through_a_failing_scontrol_and_completes(sl
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
 
 
-def test_requeue_that_never_works_fails_loudly(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+def test_requeue_that_never_works_fails_loudly(slurm_cluster, demo_assets, tmp_path):
     env = failing_scontrol(slurm_cluster, tmp_path / "bin", failures=100, SFM_REQUEUE_BACKOFF_S="1 1")
     proc = sbatch(slurm_cluster, "scripts/dpo_train.sh", *demo_overrides(demo_assets, tmp_path / "out"), env=env)
     job_id = job_id_of(proc)
@@ -247,7 +247,7 @@ def test_requeue_that_never_works_fails_loudly(slurm_cluster, demo_assets, tmp_p
     assert (tmp_path / "bin" / "requeue_calls").read_text().strip() == "3"
 
 
-def test_interactive_allocation_is_never_requeued(slurm_cluster, demo_assets, tmp_path):  # noqa: F811
+def test_interactive_allocation_is_never_requeued(slurm_cluster, demo_assets, tmp_path):
     """`salloc ... bash scripts/launch.sh`: Slurm's job record says BatchFlag=0, and a preemption exits 75 as a local
     run does, asking to run the same command again."""
     args = demo_overrides(demo_assets, tmp_path / "out")
