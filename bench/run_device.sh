@@ -13,10 +13,9 @@ trap 'tar czf "$DEST/bench.tgz" -C "$OUT" .' EXIT
 mkdir -p "$OUT/results"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_MININTERVAL=10
-if ! python3 -c "import trl.trainer.dpo_trainer, sfm_dpo.fast_trainer" 2>"$OUT/import_error.txt"; then
-  echo "trl 1.16 / sfm_dpo do not import with this transformers; adding the carried transformers wheel"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/*.whl || exit 1
-fi
+# The carried transformers: the image's may be below the floor this repo supports (sfm_dpo/versions.py).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/*.whl || exit 1
+python3 -c "import trl.trainer.dpo_trainer, sfm_dpo.fast_trainer" || exit 1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 - <<'PY'
@@ -34,8 +33,14 @@ bench() {  # bench GROUP INDEX [GPU]
   local arch=${1%%:*} extra="" log="$OUT/log_$2_${1%%:*}.txt"
   [ "$1" != "$arch" ] && extra=${1#*:}
   # shellcheck disable=SC2086
-  CUDA_VISIBLE_DEVICES=${3:-${CUDA_VISIBLE_DEVICES:-}} timeout "${BENCH_TIMEOUT:-480}" \
-    python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
+  # One GPU per group when given (PARALLEL=1); otherwise the machine's own GPUs (an empty CUDA_VISIBLE_DEVICES
+  # would hide them all).
+  if [ -n "${3:-}" ]; then
+    CUDA_VISIBLE_DEVICES=$3 timeout "${BENCH_TIMEOUT:-480}" \
+      python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
+  else
+    timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
+  fi
 }
 status=0 i=0 pids=()
 for group in "$@"; do
