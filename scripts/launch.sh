@@ -93,8 +93,10 @@ node_task() {
         eval "exec $cmd"
     ) &
     agent=$!
+    # A short poll: the node task (and so the job) ends within a quarter second of the agent; a signal wakes the
+    # wait at once whatever the period.
     while kill -0 "$agent" 2>/dev/null; do
-        sleep 2 &
+        sleep 0.25 &
         wait $! || true
         if ((pending)) && ((SECONDS - last_sent >= ${PREEMPT_RESEND_S:-5})); then signal_workers; fi
     done
@@ -453,7 +455,7 @@ start=$SECONDS
 child=$!
 while kill -0 "$child" 2>/dev/null; do
     forward_when_ready
-    sleep 1 &
+    sleep 0.25 & # as the node task's poll: the launcher ends within a quarter second of training
     wait $! || true
 done
 rc=0
