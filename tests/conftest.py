@@ -71,3 +71,31 @@ def reference_job(slurm_cluster, demo_assets, tmp_path_factory):  # noqa: F811
     from tests.test_slurm import run_reference_job
 
     return run_reference_job(slurm_cluster, demo_assets, tmp_path_factory.mktemp("slurm") / "reference")
+
+
+HELD_OUT_RUN_ROWS = 96
+
+
+@pytest.fixture(scope="session")
+def held_out_run(demo_assets, tmp_path_factory):
+    """One real demo run to its end (scripts/launch.sh demo: 2 processes, DeepSpeed ZeRO-2, float32, 96 rows: 81
+    pairs trained in 6 steps, 15 held out), with its decoder layers compiled under gradient checkpointing and every
+    step logged. tests/test_report.py checks its held-out figures and report, tests/test_train_e2e.py the compiled
+    layers: one launch for both (a launch costs half a minute). Returns (output_dir, log)."""
+    import subprocess
+    import time
+
+    output_dir = tmp_path_factory.mktemp("held_out") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_PROCESSES": "2"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
+    cmd = [
+        "bash", "scripts/launch.sh", "demo", "--model_name_or_path", str(demo_assets["model"]),
+        "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir),
+        "--max_train_samples", str(HELD_OUT_RUN_ROWS), "--save_steps", "4", "--logging_steps", "1",
+        "--gradient_checkpointing", "true", "--compile_layers", "true",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(f"demo run with a held-out split and compiled layers: {time.perf_counter() - start:.1f} s")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return output_dir, result.stdout + result.stderr

@@ -1,14 +1,14 @@
 """One real run with a held-out split (scripts/launch.sh demo: 2 processes, DeepSpeed ZeRO-2, CPU) and what it leaves:
 eval_split.json, the held-out figures in the logs and the summary, equal to a recomputation by hand on the final
 model (so each held-out pair was evaluated exactly once across the two ranks), and the run report (report.md, a PNG
-per metric with data points), also for a running job (newest checkpoint) and for two runs side by side."""
+per metric with data points), also for a running job (newest checkpoint) and for two runs side by side. The run
+(tests/conftest.py's `held_out_run`) also compiles its decoder layers, for tests/test_train_e2e.py: the figures are
+recomputed here in eager float32."""
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,26 +19,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfm_dpo.data import prepare_dataset
 from sfm_dpo.run_report import FIGURES, find_state, write_report
-from tests.conftest import REPO
+from tests.conftest import HELD_OUT_RUN_ROWS, REPO
 
-TRAIN_SAMPLES = 96
+TRAIN_SAMPLES = HELD_OUT_RUN_ROWS
 
 
 @pytest.fixture(scope="module")
-def demo_run(demo_assets, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("report") / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_PROCESSES": "2"}
-    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
-    cmd = [
-        "bash", "scripts/launch.sh", "demo", "--model_name_or_path", str(demo_assets["model"]),
-        "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir),
-        "--max_train_samples", str(TRAIN_SAMPLES), "--save_steps", "4",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    print(f"demo run with a held-out split: {time.perf_counter() - start:.1f} s")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return output_dir, result.stdout + result.stderr
+def demo_run(held_out_run):
+    """tests/conftest.py's run to its end with a held-out split (its layers compiled: tests/test_train_e2e.py)."""
+    return held_out_run
 
 
 @torch.no_grad()
