@@ -45,6 +45,8 @@ def test_recipe_is_olmo3_dpo(recipe):
     assert args.loss_type == ["sigmoid_norm"]
     assert script_args.effective_batch_size == 128
     assert model_args.dtype == "bfloat16"
+    # Shared prompts where they measured faster (bench/README.md): Instruct-shaped pairs, not Think's.
+    assert script_args.share_prompt is (recipe == "instruct")
 
 
 def test_recipes_differ_only_in_the_variant():
@@ -54,6 +56,7 @@ def test_recipes_differ_only_in_the_variant():
     differing = {k for k in settings(think) if settings(think)[k] != settings(instruct).get(k)}
     assert differing == {
         "model_name_or_path", "dataset_name", "max_prompt_length", "max_length", "output_dir", "hub_model_id",
+        "share_prompt",
     }  # fmt: skip
 
 
