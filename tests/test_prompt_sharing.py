@@ -5,8 +5,10 @@ The references are independent of the packing and attention code: every sequence
 (transformers' sdpa, no packing), full logits, log_softmax, summed over its completion tokens; gradients of a weighted
 sum of those."""
 
+import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
@@ -15,6 +17,7 @@ from sfm_dpo.attention import apply_backend, probe_backend
 from sfm_dpo.packing import (
     PackedPreferenceCollator,
     TokenBudgetBatchSampler,
+    dataset_pair_tokens,
     pack_pairs,
     packed_logps,
     pair_tokens,
@@ -243,3 +246,67 @@ def test_gpu_backends_compute_the_shared_layout(arch):
         assert relative < 2e-2, (backend, relative.item())
         tested.append(backend)
     assert "varlen" in tested and "sdpa" in tested
+
+
+def test_build_trainer_shares_prompts_in_the_reference_pass_and_training(demo_assets, tmp_path, caplog):
+    """`--share_prompt` through `fast_path.build_trainer` (what train_dpo.py runs) on the demo's tiny GPT-NeoX: the
+    cached reference log-probs equal an unshared pass's, the trainer packs shared prompts, and two optimizer steps
+    give the unshared run's losses (fp32)."""
+    import logging
+
+    from test_reference_pass import load, run_args, token_rows
+    from transformers import AutoTokenizer
+
+    from sfm_dpo import fast_path
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets["model"])
+    data = token_rows(len(tokenizer), n_rows=16)
+    trainers, computed = {}, {}
+    for share in (False, True):
+        script_args, training_args, model_args = run_args(
+            demo_assets["model"], tmp_path / f"share-{share}", max_steps=2, logging_steps=1, learning_rate=1e-3,
+            save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        script_args.share_prompt = share
+        script_args.ref_cache_dir = str(tmp_path / f"cache-{share}")
+        model = load(demo_assets)
+        computed[share] = 0
+
+        def count(module, args, kwargs, output, share=share):
+            computed[share] += kwargs["input_ids"].shape[1]
+
+        model.register_forward_hook(count, with_kwargs=True)
+        with caplog.at_level(logging.INFO, logger="sfm_dpo"):
+            trainers[share] = fast_path.build_trainer(model, data, script_args, training_args, model_args, tokenizer,
+                                                      [])  # fmt: skip
+    # The reference pass (the only forwards so far) computed each pair's prompt once.
+    assert computed == {False: sum(dataset_pair_tokens(data)), True: sum(dataset_pair_tokens(data, share_prompt=True))}
+    assert computed[True] < computed[False]
+    assert "Shared prompts: each pair's prompt is computed once (sdpa attention)" in caplog.text
+    assert trainers[True].data_collator.share_prompt and not trainers[False].data_collator.share_prompt
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose(trainers[True].train_dataset[column], trainers[False].train_dataset[column],
+                                   rtol=1e-6, atol=1e-5)  # fmt: skip
+    losses = {}
+    for share, trainer in trainers.items():
+        trainer.train()
+        losses[share] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses[True]) == 2 and losses[True][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_share_prompt_is_turned_off_with_a_warning_where_the_backend_cannot(tmp_path, caplog):
+    """transformers' flash_attention_2 path does not gather the shared keys: `--share_prompt` is then off, said why."""
+    import logging
+
+    from trl import DPOConfig
+
+    from sfm_dpo.fast_path import resolve_share_prompt
+
+    model = build_tiny_model("llama", VOCAB, seed=0)
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with caplog.at_level(logging.WARNING, logger="sfm_dpo"):
+        assert resolve_share_prompt(True, "flash_attention_2", model, args) is False
+    assert "--share_prompt: off" in caplog.text and "kv_index" in caplog.text
+    assert resolve_share_prompt(True, "sdpa", model, args) is True
+    assert resolve_share_prompt(False, "sdpa", model, args) is False
