@@ -184,8 +184,9 @@ def model_identity(
 
 def _pair_tokens(dataset) -> np.ndarray:
     """Real tokens each pair costs in the reference pass: prompt+chosen and prompt+rejected, shape (rows,)."""
-    lengths = {name: np.asarray([len(x) for x in dataset[name]], dtype=np.int64) for name in TOKEN_COLUMNS}
-    return 2 * lengths["prompt_ids"] + lengths["chosen_ids"] + lengths["rejected_ids"]
+    from .packing import dataset_pair_tokens  # imports torch: not needed by the digest helpers of this module
+
+    return np.asarray(dataset_pair_tokens(dataset), dtype=np.int64)
 
 
 def shard_rows(pair_tokens: np.ndarray, rank: int, world_size: int) -> np.ndarray:
