@@ -139,11 +139,7 @@ def differences(recorded: dict, current: dict) -> list[str]:
     for section in ("settings", "content"):
         old, new = recorded.get(section, {}), current.get(section, {})
         if section == "content" and old.get("digest") != new.get("digest"):
-            logger.warning(
-                "The folder's %s digests the files another way (%s; this version: %s): the model and data files are "
-                "not compared, the settings are.", IDENTITY_FILE, old.get("digest", "sampled sha256"), new["digest"],
-            )  # fmt: skip
-            continue
+            continue  # files digested another way cannot be compared; `check_identity` says so once, as it records
         one_sided = sorted(set(old) ^ set(new))
         if one_sided:
             logger.info("Not compared (recorded on one side only, e.g. by another library version): %s", one_sided)
@@ -181,10 +177,15 @@ def check_identity(output_dir: str, identity: dict, record: bool) -> None:
             )
         if record:
             logger.info("%s belongs to this run (identity %s).", folder, identity["fingerprint"])
-            if recorded.get("content", {}).get("digest") != identity["content"]["digest"]:
+            old_digest = recorded.get("content", {}).get("digest")
+            if old_digest != identity["content"]["digest"]:
                 # As for a folder without a record: its files taken as the run's, so that later launches compare them.
                 _write_json(path, {**recorded, "fingerprint": identity["fingerprint"], "content": identity["content"]})
-                logger.warning("Recorded this launch's file digests in %s, unchecked.", path)
+                logger.warning(
+                    "The folder's %s digests the files another way (%s; this version: %s): the model and data files "
+                    "were not compared, the settings were. Recorded this launch's file digests in %s, unchecked.",
+                    IDENTITY_FILE, old_digest or "sampled sha256", identity["content"]["digest"], path,
+                )  # fmt: skip
         return
     if not record:
         return

@@ -142,8 +142,8 @@ def test_a_record_with_sampled_digests_is_kept_and_its_files_redigested(demo_ass
     old = {**current, "content": {"model_files": sampled, "data_files": {demo_assets["think"].name: "1" * 64}}}
     (folder / IDENTITY_FILE).write_text(json.dumps(old))
     with caplog.at_level("WARNING", logger="sfm_dpo.run_identity"):
-        check_identity(str(folder), current, record=True)
-    assert "digests the files another way (sampled sha256; this version: xxh3_128)" in caplog.text
+        claim_output_dir(str(folder), current).release()  # checks the folder twice: before and after the lock
+    assert caplog.text.count("digests the files another way (sampled sha256; this version: xxh3_128)") == 1
     assert json.loads((folder / IDENTITY_FILE).read_text())["content"] == current["content"]
     with pytest.raises(RunConflict, match="learning_rate"):
         check_identity(str(folder), identity(*args, "--learning_rate", "1e-5", recipe="demo"), record=True)
