@@ -462,7 +462,9 @@ def report_text(result: dict, meta: dict) -> str:
     lines += [
         f"Tokens: prompts {_tokens(t['prompt'])}, chosen {_tokens(t['chosen'])}, rejected {_tokens(t['rejected'])}; "
         f"the two sequences of every pair hold {_tokens(t['sequence_tokens'])} (prompt twice). Prompts are "
-        f"{_pct(t['prompt_share_of_sequence_tokens'])} of those: computing the shared prefix once would save that much.",
+        f"{_pct(t['prompt_share_of_sequence_tokens'])} of those: `--share_prompt true` computes each prompt once and "
+        "saves about that much (measured at 6.86B on an H200: +10% tokens/s where prompts are 17%, none at 2%; "
+        "bench/README.md).",
         "",
         "## Candidate max_length",
         "",
