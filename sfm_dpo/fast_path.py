@@ -138,6 +138,8 @@ def build_trainer(
     )
     if not training_args.padding_free:
         logger.info("--padding_free false: stock TRL padded batches with a reference model (for comparison).")
+        if script_args.share_prompt:
+            logger.warning("--share_prompt is a fast-path setting: stock TRL batches compute each prompt twice.")
         # TRL loads the reference from the policy's `config._name_or_path` with `args.model_init_kwargs` alone: give
         # it the revision the policy was loaded at, or it would be the branch's newest commit.
         training_args.model_init_kwargs = {
