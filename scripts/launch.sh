@@ -245,9 +245,12 @@ import sys
 import warnings
 
 sys.argv = ["train_dpo.py", "--config", f"configs/{sys.argv[1]}.yaml", *sys.argv[2:]]
+from sfm_dpo.versions import require_supported  # noqa: E402
+
+require_supported()  # train_dpo.py's first check: an unsupported Python or package is one line, before srun
 import torch  # noqa: E402
 
-import train_dpo  # noqa: E402
+# The parser alone, not train_dpo (its trainer, data and Hub imports took 2-4 s of every launch here).
 from sfm_dpo.config import derive_run_names, make_parser  # noqa: E402
 
 logging.disable(logging.WARNING)
