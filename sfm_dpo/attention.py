@@ -21,7 +21,7 @@ Shared prompts (`sfm_dpo.packing.pack_pairs(share_prompt=True)`): the keys have 
 sequence's queries are its last keys: causal from the bottom right, as flash attention aligns queries and keys of
 different lengths (query i of a sequence with q queries and k keys sees keys j <= i + k - q). Our three backends
 gather the keys and values and apply that mask; transformers' flash_attention_2 path does not gather, so prompt
-sharing needs one of ours (`supports_shared_prompt`).
+sharing needs one of ours (`shared_prompt_supported`).
 
 The registered names are not in transformers' `AttentionMaskInterface`, so the model builds no mask at all for them
 (masking_utils `_preprocess_mask_arguments`: "custom attention without equivalent mask creation"). That also means a
