@@ -3,6 +3,7 @@ the per-node supervisor's signal forwarding (a real `accelerate launch` of 2 pro
 reads it, a token on the command line refused, SIGUSR1 during the start-up and while the node task starts, and the
 end-of-run verdict from run_status.json (sfm_dpo/launcher.py)."""
 
+import contextlib
 import json
 import os
 import re
@@ -35,6 +36,17 @@ def _env(**extra) -> dict[str, str]:
     env["VENV"] = str(Path(sys.executable).parents[1])
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def _started(argv: list[str], env: dict):
+    """The launcher running in the repo, stdout and stderr together; killed at the end if it is still running."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def dry_run(*args: str, **env) -> subprocess.CompletedProcess:
@@ -181,11 +193,7 @@ def test_node_task_forwards_usr1_to_workers_and_survives(tmp_path):
         f"accelerate launch --config_file accelerate_config.yaml --num_processes 2 --num_machines 1 "
         f"--main_process_port {_free_port()} {tmp_path}/worker.py {tmp_path} 6"
     )
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH), "--node-task", cmd], cwd=REPO, env=_env(PREEMPT_RESEND_S="2"), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with _started(["bash", str(LAUNCH), "--node-task", cmd], _env(PREEMPT_RESEND_S="2")) as proc:
         deadline = time.time() + 90
         while (
             subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode and time.time() < deadline
@@ -194,9 +202,6 @@ def test_node_task_forwards_usr1_to_workers_and_survives(tmp_path):
         time.sleep(3)  # the workers exist but still ignore USR1
         proc.send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, out
     assert (tmp_path / "rank0").read_text() == "USR1" and (tmp_path / "rank1").read_text() == "USR1", out
     assert "ChildFailedError" not in out
@@ -302,19 +307,12 @@ def test_usr1_during_start_up_exits_75_before_training(tmp_path):
     """A signal during the start-up (.env, site profile, the config probe) is kept, and the launcher stops before
     starting training: exit 75 locally, nothing lost. A second signal is the same request."""
     output_dir = tmp_path / "out"
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH), "demo", "--output_dir", str(output_dir)], cwd=REPO, env=_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with _started(["bash", str(LAUNCH), "demo", "--output_dir", str(output_dir)], _env()) as proc:
         time.sleep(0.3)  # the config probe alone takes seconds
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 75, out
     assert out.count("SIGUSR1 during start-up: not starting training") == 1, out
     assert "PREEMPTED: before training started, nothing to save; run the same command again to resume" in out
@@ -375,10 +373,7 @@ def test_usr1_as_training_starts_ends_in_exit_75_and_kills_no_worker(demo_assets
         "bash", str(LAUNCH), "demo", "--model_name_or_path", str(demo_assets["model"]),
         "--dataset_name", str(demo_assets["think"]), "--output_dir", str(output_dir),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=_env(PREEMPT_RESEND_S="1"), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
+    with _started(argv, _env(PREEMPT_RESEND_S="1")) as proc:
         deadline = time.monotonic() + 120
         while subprocess.run(
             ["pgrep", "-P", str(proc.pid), "-f", "launch.sh --node-task"], capture_output=True
@@ -387,9 +382,6 @@ def test_usr1_as_training_starts_ends_in_exit_75_and_kills_no_worker(demo_assets
             time.sleep(0.01)
         proc.send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 75, out
     summary = re.findall(r"^ PREEMPTED: (.*)$", out, re.M)
     # Stopped at a stage boundary ("nothing lost"), or, had the signal come later, at a step with its checkpoint.
