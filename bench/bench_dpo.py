@@ -45,6 +45,11 @@ PROBE_PAIRS = 4  # the "same first batch": the stock micro-batch size
 FAST_PATHS = ("fast", "fast_shared")
 
 
+def record_suffix(path: str) -> str:
+    """The suffix of a fast path's comparison keys in the record: none for `fast` (the keys earlier results have)."""
+    return "" if path == "fast" else f"_{path}"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Shared by both paths
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,7 +491,7 @@ def main() -> int:
     for path in FAST_PATHS:
         if path not in results:
             continue
-        suffix = "" if path == "fast" else f"_{path}"
+        suffix = record_suffix(path)
         record[f"ref_pass_s{suffix}"] = results[path]["ref_pass_s"]
         if "stock" in results:
             stock_rate = results["stock"]["real_tokens_per_s"]
@@ -534,7 +539,7 @@ def report(record: dict) -> str:
         lines.append(f"{path}: train only {f['train_tokens_per_s']:,.0f} tok/s, reference pass {f['ref_pass_s']:.1f} s "
                      f"({f['ref_pass_tokens_per_s']:,.0f} tok/s), {f['attn_implementation']}, "
                      f"{f['micro_batches_per_step']} micro-batches/step")  # fmt: skip
-        suffix = "" if path == "fast" else f"_{path}"
+        suffix = record_suffix(path)
         if f"speedup{suffix}" not in record:
             continue
         c = record[f"same_first_batch{suffix}"]
