@@ -31,15 +31,17 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def unpacked_logps(model, rows) -> torch.Tensor:
-    """`[2B]` summed completion log-probs, chosen_0, rejected_0, ..., one sequence per forward."""
+    """`[2B]` summed completion log-probs, chosen_0, rejected_0, ..., one stock forward per sequence (with grad when
+    the caller's mode has it)."""
     out = []
     for row in rows:
         for completion in (row["chosen_ids"], row["rejected_ids"]):
             ids = torch.tensor([row["prompt_ids"] + completion], device=model.device)
-            with torch.no_grad():
-                logits = model(ids).logits[0, :-1].double()
+            logits = model(ids).logits[0, :-1].double()
             token_logps = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-            out.append(token_logps[len(row["prompt_ids"]) - 1 :].sum())
+            # A completion token at sequence position t >= 1 is predicted by position t - 1; an empty prompt's first
+            # completion token has no predictor (as in the packed path: nothing to condition on).
+            out.append(token_logps[max(len(row["prompt_ids"]) - 1, 0) :].sum())
     return torch.stack(out)
 
 

@@ -11,6 +11,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_attention_backends import gpu_model
+from test_attention_backends import unpacked_logps as stock_logps
 from trl.trainer.utils import add_fused_lm_head
 
 from sfm_dpo.attention import apply_backend, probe_backend
@@ -42,20 +44,6 @@ def make_rows(n: int, seed: int) -> list[dict]:
         dict(prompt_ids=ids(p), chosen_ids=ids(rng.randint(1, 20)), rejected_ids=ids(rng.randint(1, 20)))
         for p in prompts
     ]
-
-
-def stock_logps(model, rows) -> torch.Tensor:
-    """`[2B]` summed completion log-probs (chosen_0, rejected_0, ...), one stock forward per sequence, with grad."""
-    out = []
-    for row in rows:
-        for completion in (row["chosen_ids"], row["rejected_ids"]):
-            ids = torch.tensor([row["prompt_ids"] + completion], device=model.device)
-            logits = model(ids).logits[0, :-1].double()
-            token_logps = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-            # A completion token at sequence position t >= 1 is predicted by position t - 1; an empty prompt's first
-            # completion token has no predictor (as in the packed path: nothing to condition on).
-            out.append(token_logps[max(len(row["prompt_ids"]) - 1, 0) :].sum())
-    return torch.stack(out)
 
 
 def shared_logps(model, rows) -> torch.Tensor:
@@ -217,8 +205,6 @@ def test_a_shared_prompt_step_equals_the_stock_trl_step(tmp_path):
 def test_gpu_backends_compute_the_shared_layout(arch):
     """On a GPU, in bf16: every backend whose shared-prompt probe passes (torch's varlen among them on torch >=
     2.11) gives the stock per-sequence log-probs, and the same gradients as the unshared packed path."""
-    from test_attention_backends import gpu_model
-
     rows = make_rows(6, seed=1)
     reference_model = gpu_model(arch)
     with torch.no_grad():
