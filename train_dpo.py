@@ -10,6 +10,7 @@ summary, push. A launch of a run whose training is done trains nothing and compl
 (sfm_dpo/run_status.py); every launch that owns the folder ends by writing run_status.json there.
 """
 
+import functools
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ require_supported()  # before the heavy imports: an unsupported Python or packag
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, ModelConfig
@@ -86,6 +88,23 @@ def take_output_dir(script_args, training_args, model_args):
     return lock
 
 
+def destroys_process_group(main):
+    """Decorates `main`: once it returns (every rank returns; a requeue for preemption returns 0 too), the process
+    group is destroyed, as torch asks. Left up, gloo's worker threads abort the interpreter's exit about one time in
+    three ("terminate called without an active exception", SIGABRT), which turns a clean end into train_dpo.py FAILED;
+    NCCL warns. Not on an exception: the ranks still running may be inside a collective with this one, and it is the
+    torch elastic agent's to end them."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        code = main(*args, **kwargs)
+        PartialState().destroy_process_group()
+        return code
+
+    return wrapper
+
+
+@destroys_process_group
 @requeue_on_preemption  # a signal before training could checkpoint it: the requeue marker, exit 0
 def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> int:
     # First of all: from here on SIGUSR1 (Slurm's pre-timeout signal) is kept, and honoured at the next stage
