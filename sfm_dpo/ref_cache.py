@@ -20,19 +20,23 @@ What we do instead:
   after prepare, so a plain no-grad forward of `engine.module` needs no collective and no second engine, and uses the
   very numerics of the training forward (the step-0 DPO loss is then ln 2 to the bit). ZeRO-3 shards parameters, its
   forward is collective, and ranks here run different numbers of forwards: we refuse it loudly.
-- Balance the shards by tokens (longest first, dealt round-robin), let each rank run any number of forwards, then
-  gather all results once with `gather_object`: robust to uneven shards, every row exactly once, back in row order.
+- Share the work through chunks of rows on disk (`sfm_dpo.ref_chunks`): every rank of this job, and of any other
+  job on the same cache (the points of a sweep started together), claims the next unclaimed chunk, computes it in
+  batches and writes it once; the longest chunks go first. Ranks run any number of forwards, with no collective
+  until they all meet once at the end; then rank 0 reads every chunk, whoever computed it, writes the cache and hands
+  the values to the others. So jobs on one cache train on the very same values.
 - Key the cache on what the values depend on and nothing else: the caller's `key` (the weights' content digest, see
   `model_identity`, the precision, attention backend, compiled kernels, forward version) plus a fingerprint of the
   exact token ids (which already reflects chat template, max_length and truncation). Any difference gives another
   folder, so a mismatch can never reuse a cache; equal inputs share one, whichever run or output folder asks.
 - Rank 0 alone reads and writes the finished cache (atomically: file, fsync, rename; meta.json last, so that its
-  presence means complete) and broadcasts the values, so every rank takes the same hit/miss decision.
-- The pass survives preemption: every `shard_seconds`, and when `should_stop()` turns true, each rank writes its
-  finished rows as a shard under the folder's `partial/` (on the output filesystem, which ranks on several nodes
-  share, like checkpoints). Ranks that stop break out of their loop, meet in the one gather, and raise
-  `sfm_dpo.preemption.Preempted`. A later run, whatever its world size, keeps the rows of the valid shards and
-  computes only the rest. A damaged cache or shard is set aside with a warning naming it, and recomputed.
+  presence means complete) and broadcasts the values, so every rank takes the same hit/miss decision. A job that
+  finds the cache completed by another job at its next chunk stops computing and reads it.
+- The pass survives preemption and crashes: each finished chunk is a file in the folder's `chunks/` (on the output
+  filesystem, which ranks on several nodes share, like checkpoints). When `should_stop()` turns true a rank leaves
+  its chunk; the ranks meet and raise `sfm_dpo.preemption.Preempted`. A later run, whatever its world size, keeps
+  the finished chunks and computes the rest. A damaged cache or chunk is set aside with a warning naming it, and
+  recomputed.
 """
 
 import hashlib
@@ -44,18 +48,18 @@ import platform
 import shutil
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .ref_chunks import ChunkBoard, atomic_write, chunk_rows, npy_bytes, set_aside
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when the file layout or the meaning of the values changes
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-SHARD_SECONDS = 300.0  # a preempted or crashed rank loses at most this much of its pass
 DIGEST_FOLDER = "file_digests"  # in the cache folder: the stored per-file digests (stored_file_digest)
 # What `model_identity` digests in a model folder: transformers' weight files, the config (rope scaling, sliding
 # windows and the like change the values too) and any remote code (`*.py`, the forward of a trust_remote_code model).
@@ -133,9 +137,7 @@ def stored_file_digest(path: Path, digest_dir: Path | None) -> str:
     seconds = time.perf_counter() - start
     logger.info("Digest of %s (%.2f GB): %.1f s", resolved, stat.st_size / 1e9, seconds)
     if store is not None:
-        _atomic_write(
-            store, (json.dumps({**record, "xxh3_128": digest, "seconds": round(seconds, 3)}) + "\n").encode()
-        )
+        atomic_write(store, (json.dumps({**record, "xxh3_128": digest, "seconds": round(seconds, 3)}) + "\n").encode())
     return digest
 
 
@@ -189,23 +191,6 @@ def _pair_tokens(dataset) -> np.ndarray:
     return np.asarray(dataset_pair_tokens(dataset), dtype=np.int64)
 
 
-def shard_rows(pair_tokens: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Row indices for `rank`, longest first. Greedy longest-processing-time: each row, longest first, goes to the
-    rank with the fewest tokens so far, so loads differ by at most one row's tokens (contiguous shards of long-tailed
-    Dolci data would leave most ranks waiting for the one with the longest pairs). Deterministic: every rank computes
-    the same assignment."""
-    import heapq
-
-    order = np.argsort(-pair_tokens, kind="stable")
-    loads = [(0, r) for r in range(world_size)]
-    owner = np.empty(len(order), dtype=np.int64)
-    for k, row in enumerate(order):
-        load, r = heapq.heappop(loads)
-        owner[k] = r
-        heapq.heappush(loads, (load + int(pair_tokens[row]), r))
-    return order[owner == rank]
-
-
 def batches(indices: np.ndarray, pair_tokens: np.ndarray, token_budget: int | None, batch_size: int | None):
     """Consecutive groups of `indices`: at most `batch_size` rows, or as many as fit `token_budget` tokens (a pair
     longer than the budget goes alone)."""
@@ -236,46 +221,6 @@ def check_whole_parameters(deepspeed_plugin) -> None:
         )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """A reader sees the whole file or none of it, also after a crash: written beside, fsynced, renamed, and the
-    rename fsynced (the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _npy_bytes(save: Callable, **arrays) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    save(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _set_aside(path: Path, why: str) -> None:
-    """Moves a damaged cache folder or shard out of the way (kept for inspection) and says so."""
-    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    try:
-        os.rename(path, target)
-        logger.warning("Reference cache %s is damaged (%s): moved to %s; its rows are recomputed.", path, why, target)
-    except FileNotFoundError:  # another job set it aside first
-        logger.warning(
-            "Reference cache %s is damaged (%s) and was moved meanwhile; its rows are recomputed.", path, why
-        )
-
-
 def _read(path: Path, expected: dict, n_rows: int) -> np.ndarray | None:
     """The cached (rows, 2) array, or None when absent (or incomplete: meta.json is written last). A folder that is
     damaged (unreadable, truncated, non-finite, or another key) is set aside and read as absent."""
@@ -291,7 +236,7 @@ def _read(path: Path, expected: dict, n_rows: int) -> np.ndarray | None:
         if values.shape != (n_rows, 2) or not np.isfinite(values).all():
             raise ValueError(f"values of shape {values.shape}, expected ({n_rows}, 2) and finite")
     except (OSError, ValueError, EOFError, AttributeError) as e:
-        _set_aside(path, f"{type(e).__name__}: {e}")
+        set_aside(path, f"{type(e).__name__}: {e}")
         return None
     return values
 
@@ -299,98 +244,8 @@ def _read(path: Path, expected: dict, n_rows: int) -> np.ndarray | None:
 def _write(path: Path, values: np.ndarray, meta: dict) -> None:
     """Values first, meta.json last: its presence means a complete cache. Another job writing the same folder at the
     same time writes the same values (same weights, tokens and numerics); the last rename wins."""
-    _atomic_write(path / "ref_logps.npy", _npy_bytes(lambda f, values: np.save(f, values), values=values))
-    _atomic_write(path / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _read_shards(partial: Path, ident: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows (k,) and values (k, 2) of the valid shards under `partial` (any job, any rank, any world size); each
-    damaged one is set aside. A row in several shards (two jobs of one sweep computing at once) is taken once."""
-    rows, values = [], []
-    for shard in sorted(partial.glob("*.npz")):
-        try:
-            with np.load(shard) as f:
-                shard_rows_, shard_values = f["rows"], f["values"]
-                if str(f["ident"]) != ident:
-                    raise ValueError(f"belongs to cache {f['ident']}, not {ident}")
-            if shard_rows_.ndim != 1 or shard_values.shape != (len(shard_rows_), 2):
-                raise ValueError(f"rows {shard_rows_.shape} and values {shard_values.shape} do not match")
-            if len(shard_rows_) and (shard_rows_.min() < 0 or shard_rows_.max() >= n_rows):
-                raise ValueError(f"row indices outside [0, {n_rows})")
-            if not np.isfinite(shard_values).all():
-                raise ValueError("non-finite values")
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, half-copied...
-            _set_aside(shard, f"{type(e).__name__}: {e}")
-            continue
-        rows.append(shard_rows_.astype(np.int64))
-        values.append(shard_values.astype(np.float64))
-    if not rows:
-        return np.empty(0, dtype=np.int64), np.empty((0, 2))
-    rows, values = np.concatenate(rows), np.concatenate(values)
-    rows, first = np.unique(rows, return_index=True)
-    return rows, values[first]
-
-
-class _ShardWriter:
-    """Buffers one rank's finished rows and writes them as a shard `partial/<run>-r<rank>-<n>.npz` (atomically) every
-    `seconds`, and on `flush()`."""
-
-    def __init__(self, partial: Path, ident: str, rank: int, seconds: float):
-        self.partial, self.ident, self.seconds = partial, ident, seconds
-        self.prefix = f"{uuid.uuid4().hex[:12]}-r{rank}"
-        self.rows, self.values, self.count, self.last = [], [], 0, time.monotonic()
-
-    def add(self, rows: list[int], chosen: np.ndarray, rejected: np.ndarray) -> None:
-        self.rows.extend(rows)
-        self.values.extend(zip(chosen.tolist(), rejected.tolist(), strict=True))
-        if time.monotonic() - self.last >= self.seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last = time.monotonic()
-        if not self.rows:
-            return
-        data = _npy_bytes(np.savez, rows=np.asarray(self.rows, dtype=np.int64), values=np.asarray(self.values),
-                          ident=np.asarray(self.ident))  # fmt: skip
-        _atomic_write(self.partial / f"{self.prefix}-{self.count:06d}.npz", data)
-        self.count += 1
-        self.rows, self.values = [], []
-
-
-def _compute_shard(dataset, compute_fn, indices, pair_tokens, token_budget, batch_size, show_progress, desc, writer,
-                   should_stop):  # fmt: skip
-    """This rank's rows: (chosen, rejected, stopped). Stops between batches when `should_stop()` is true; the rows
-    finished by then are written out (and those before, every `writer.seconds`)."""
-    from tqdm.auto import tqdm
-
-    chosen = np.full(len(indices), np.nan)
-    rejected = np.full(len(indices), np.nan)
-    position = {int(row): k for k, row in enumerate(indices)}
-    bar = tqdm(
-        total=int(pair_tokens[indices].sum()), unit="tok", unit_scale=True, desc=desc, disable=not show_progress
-    )
-    stopped = False
-    for group in batches(indices, pair_tokens, token_budget, batch_size):
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        rows = [dataset[i] for i in group]
-        out_chosen, out_rejected = compute_fn(rows)
-        out_chosen = np.asarray([float(x) for x in out_chosen])
-        out_rejected = np.asarray([float(x) for x in out_rejected])
-        if out_chosen.shape != (len(group),) or out_rejected.shape != (len(group),):
-            raise RuntimeError(
-                f"compute_fn returned {out_chosen.shape} and {out_rejected.shape} values for {len(group)} rows."
-            )
-        if not (np.isfinite(out_chosen).all() and np.isfinite(out_rejected).all()):
-            raise RuntimeError(f"Reference log-probs are not finite for rows {group}.")
-        for row, c, r in zip(group, out_chosen, out_rejected, strict=True):
-            chosen[position[row]], rejected[position[row]] = c, r
-        writer.add(group, out_chosen, out_rejected)
-        bar.update(int(pair_tokens[group].sum()))
-    writer.flush()
-    bar.close()
-    return chosen, rejected, stopped
+    atomic_write(path / "ref_logps.npy", npy_bytes(lambda f, values: np.save(f, values), values=values))
+    atomic_write(path / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_or_compute(dataset, compute_fn: ComputeFn, cache_dir: str | os.PathLike, key: dict, accelerator, **kwargs):
@@ -409,7 +264,6 @@ def load_or_compute_folder(
     batch_size: int | None = None,
     allow_compute: bool = True,
     should_stop: Callable[[], bool] | None = None,
-    shard_seconds: float = SHARD_SECONDS,
     info: dict | None = None,
     desc: str = "Reference log-probs",
 ):
@@ -417,17 +271,17 @@ def load_or_compute_folder(
     model's log-probs of each completion, summed over its tokens, shape (rows,) each) and the cache folder they were
     read from or written to.
 
-    Every rank calls this with the same dataset. On a cache hit nothing is computed. On a miss each rank calls
-    `compute_fn(rows) -> (chosen_logps, rejected_logps)` on its shard of the rows no earlier run finished (rows = list
-    of dataset rows, at most `batch_size` of them or `token_budget` tokens), the results are gathered to every rank,
-    and rank 0 stores them under `cache_dir`. `key` must name everything besides the token ids that the values depend
-    on (weights identity, precision, attention backend, kernels, forward version) and nothing else, or equal passes
-    stop being shared: it is stored and compared verbatim. `info` is stored beside it, not compared (e.g. the model's
-    name and commit). `allow_compute=False` (a resumed job, whose weights are no longer the reference) turns a miss
-    into an error.
+    Every rank calls this with the same dataset. On a cache hit nothing is computed. On a miss the ranks of this job,
+    and of any other job on the same cache meanwhile, share the chunks no run has finished (`sfm_dpo.ref_chunks`):
+    each calls `compute_fn(rows) -> (chosen_logps, rejected_logps)` on batches of a chunk's rows (at most
+    `batch_size` of them or `token_budget` tokens), and rank 0 stores the whole under `cache_dir` and hands it to the
+    others. `key` must name everything besides the token ids that the values depend on (weights identity, precision,
+    attention backend, kernels, forward version) and nothing else, or equal passes stop being shared: it is stored
+    and compared verbatim. `info` is stored beside it, not compared (e.g. the model's name and commit).
+    `allow_compute=False` (a resumed job, whose weights are no longer the reference) turns a miss into an error.
 
     `should_stop()` (e.g. "a preemption signal reached this rank") is asked before each batch: a rank that sees it
-    writes its finished rows and joins the gather early; then every rank raises `sfm_dpo.preemption.Preempted`.
+    leaves its chunk and joins the others early; then every rank raises `sfm_dpo.preemption.Preempted`.
     """
     check_whole_parameters(getattr(accelerator, "deepspeed_plugin", None))
     if not isinstance(key, dict) or not key:
@@ -435,7 +289,7 @@ def load_or_compute_folder(
     json.dumps(key)  # fail now, not after the pass, if the key cannot be stored
     n_rows = len(dataset)
     fingerprint = data_fingerprint(dataset)
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
     fingerprints = gather_object([fingerprint])
     if len(set(fingerprints)) != 1:
@@ -443,14 +297,7 @@ def load_or_compute_folder(
     path = cache_path(cache_dir, key, fingerprint, n_rows)
     expected = {"format": CACHE_FORMAT, "key": key, "data_fingerprint": fingerprint, "rows": n_rows}
 
-    found = [None, None]
-    if accelerator.is_main_process:
-        found[0] = _read(path, expected, n_rows)
-        if found[0] is None and allow_compute:
-            found[1] = _read_shards(path / "partial", path.name, n_rows)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(found, from_process=0)
-    values, recovered = found
+    values = _from_rank_zero(accelerator, lambda: _read(path, expected, n_rows))
     if values is not None:
         logger.info("Reference log-probs: cache hit, %d rows from %s", n_rows, path)
     elif not allow_compute:
@@ -459,70 +306,176 @@ def load_or_compute_folder(
             "(a resumed job: the loaded weights are the trained policy, not the reference)."
         )
     else:
-        values = _compute(dataset, compute_fn, path, n_rows, recovered, accelerator, token_budget, batch_size,
-                          should_stop, shard_seconds, desc, {**expected, "info": info})  # fmt: skip
+        values = _compute(dataset, compute_fn, path, expected, accelerator, token_budget, batch_size, should_stop,
+                          desc, info)  # fmt: skip
     accelerator.wait_for_everyone()
     dataset = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
     dataset = dataset.add_column(COLUMNS[0], values[:, 0].tolist())
     return dataset.add_column(COLUMNS[1], values[:, 1].tolist()), path
 
 
-def _compute(dataset, compute_fn, path, n_rows, recovered, accelerator, token_budget, batch_size, should_stop,
-             shard_seconds, desc, meta) -> np.ndarray:  # fmt: skip
-    """The missing rows on every rank, gathered: the (rows, 2) values; rank 0 writes the cache."""
+def _from_rank_zero(accelerator, make):
+    """`make()` on rank 0, its result on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [make() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    return found[0]
+
+
+def _forward(compute_fn: ComputeFn, dataset, group: list[int]) -> np.ndarray:
+    """`compute_fn` on the rows `group`, checked: (len(group), 2) finite values."""
+    out_chosen, out_rejected = compute_fn([dataset[i] for i in group])
+    out = np.stack([np.asarray([float(x) for x in out_chosen]), np.asarray([float(x) for x in out_rejected])], axis=1)
+    if out.shape != (len(group), 2):
+        raise RuntimeError(
+            f"compute_fn returned {len(out_chosen)} and {len(out_rejected)} values for {len(group)} rows."
+        )
+    if not np.isfinite(out).all():
+        raise RuntimeError(f"Reference log-probs are not finite for rows {group}.")
+    return out
+
+
+def _compute_chunks(board, dataset, compute_fn, pair_tokens, token_budget, batch_size, should_stop, cache_done,
+                    bar) -> tuple[bool, int, int]:  # fmt: skip
+    """This rank's part: chunks taken from `board` and written there, until none is left or the cache is whole
+    (another job finished it). Returns (stopped, rows computed, tokens computed): stopped by `should_stop` on this
+    rank or on another rank of the job (`board.stop_requested`), asked before each batch."""
+
+    def stopping() -> bool:
+        if should_stop is not None and should_stop():
+            board.request_stop()
+            return True
+        return board.stop_requested()
+
+    rows_computed = tokens_computed = 0
+    while not cache_done():
+        if stopping():
+            return True, rows_computed, tokens_computed
+        taken = board.next_chunk()
+        if taken is None:
+            break
+        chunk, _ = taken
+        rows = board.chunks[chunk]
+        values = np.empty((len(rows), 2))
+        position = 0
+        if not bar.disable:  # rank 0's bar: every finished chunk, whoever computed it
+            bar.n = int(sum(pair_tokens[board.chunks[c]].sum() for c in board.done()))
+            bar.refresh()
+        for group in batches(rows, pair_tokens, token_budget, batch_size):
+            if stopping():
+                return True, rows_computed, tokens_computed
+            if board.is_done(chunk):  # another rank finished it first (it was claimed, then stolen)
+                break
+            values[position : position + len(group)] = _forward(compute_fn, dataset, group)
+            position += len(group)
+            tokens = int(pair_tokens[group].sum())
+            rows_computed, tokens_computed = rows_computed + len(group), tokens_computed + tokens
+            bar.update(tokens)
+        else:
+            board.write(chunk, values)
+    return False, rows_computed, tokens_computed
+
+
+def _compute(dataset, compute_fn, path, expected, accelerator, token_budget, batch_size, should_stop, desc,
+             info) -> np.ndarray:  # fmt: skip
+    """The pass on a cache miss, shared through the chunks with any other job on this cache: the (rows, 2) values on
+    every rank; rank 0 writes the cache."""
     from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
     from .preemption import Preempted
 
-    done_rows, done_values = recovered
-    start = time.perf_counter()
+    n_rows, start = len(dataset), time.perf_counter()
     pair_tokens = _pair_tokens(dataset)
-    todo = np.setdiff1d(np.arange(n_rows), done_rows)
-    if len(done_rows):
-        logger.info(
-            "Reference log-probs: recovered %d rows from the shards of an earlier run in %s; computing the other %d "
-            "on %d ranks", len(done_rows), path / "partial", len(todo), accelerator.num_processes,
-        )  # fmt: skip
-    else:
-        logger.info("Reference log-probs: cache miss at %s; computing %d rows on %d ranks", path, n_rows,
-                    accelerator.num_processes)  # fmt: skip
-    mine = todo[shard_rows(pair_tokens[todo], accelerator.process_index, accelerator.num_processes)]
-    writer = _ShardWriter(path / "partial", path.name, accelerator.process_index, shard_seconds)
-    chosen, rejected, stopped = _compute_shard(dataset, compute_fn, mine, pair_tokens, token_budget, batch_size,
-                                               accelerator.is_main_process, desc, writer, should_stop)  # fmt: skip
-    # The one collective: ranks that stopped early and ranks that finished meet here, and agree.
-    gathered = gather_object([(mine, chosen, rejected, stopped)])
-    if any(s for *_, s in gathered):
-        finished = len(done_rows) + sum(int(np.isfinite(c).sum()) for _, c, _, _ in gathered)
-        logger.warning("Reference pass stopped for preemption: %d of %d rows are kept in %s; the next run computes "
-                       "the rest.", finished, n_rows, path / "partial")  # fmt: skip
-        raise Preempted("reference pass")
-    values = np.full((n_rows, 2), np.nan)
-    seen = np.zeros(n_rows, dtype=np.int64)
-    values[done_rows] = done_values
-    seen[done_rows] = 1
-    for idx, c, r, _ in gathered:
-        values[idx, 0], values[idx, 1] = c, r
-        np.add.at(seen, idx, 1)
-    if not (seen == 1).all():
-        raise RuntimeError(f"Reference pass covered rows {np.flatnonzero(seen != 1)[:10]}... not exactly once.")
-    if not np.isfinite(values).all():
-        raise RuntimeError(f"Reference log-probs are not finite for rows {np.flatnonzero(~np.isfinite(values))}.")
-    seconds = time.perf_counter() - start
-    if accelerator.is_main_process:
-        import torch
+    chunks = chunk_rows(pair_tokens)
 
-        meta = {
-            **meta, "pair_tokens": int(pair_tokens.sum()), "rows_recovered": len(done_rows),
-            "seconds": round(seconds, 3), "world_size": accelerator.num_processes,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "torch": torch.__version__,
-        }  # fmt: skip
-        _write(path, values, meta)
-        shutil.rmtree(path / "partial", ignore_errors=True)
-    n_computed = n_rows - len(done_rows)
-    tokens = int(pair_tokens[todo].sum())
-    logger.info("Reference log-probs: computed %d rows (%d tokens) in %.1f s (%.0f tokens/s), saved to %s",
-                n_computed, tokens, seconds, tokens / max(seconds, 1e-9), path)  # fmt: skip
+    def open_board() -> str:
+        """Rank 0: reads the finished chunks once (a damaged one is set aside now, and computed as any other) and
+        draws this job's name."""
+        board = ChunkBoard(path / "chunks", chunks, path.name, "", 0)
+        rows_done = len(board.read(n_rows)[0])
+        if (path / "partial").exists():
+            logger.warning("%s holds shards of an earlier layout of this pass: not read, their rows are computed "
+                           "again.", path / "partial")  # fmt: skip
+        logger.info(
+            "Reference log-probs: cache miss at %s; %d of %d rows already computed (by an earlier or a concurrent "
+            "run); the rest in %d chunks shared by this job's %d ranks and any other job on this cache",
+            path, rows_done, n_rows, len(chunks), accelerator.num_processes,
+        )  # fmt: skip
+        job = uuid.uuid4().hex[:12]
+        ChunkBoard(path / "chunks", chunks, path.name, job, 0).announce()
+        return job
+
+    board = ChunkBoard(
+        path / "chunks", chunks, path.name, _from_rank_zero(accelerator, open_board), accelerator.process_index
+    )
+    blind = sorted({host for sees, host in gather_object([(board.sees_announcement(), platform.node())]) if not sees})
+    if blind:
+        raise RuntimeError(
+            f"The reference cache folder {path} is not one folder for all ranks: the ranks on {', '.join(blind)} do "
+            "not see the file rank 0 wrote there, so each node would compute the whole pass. Put --ref_cache_dir "
+            "(or $SFM_REF_CACHE) on a filesystem that every node mounts, as the output folder is."
+        )
+    bar = tqdm(total=int(pair_tokens.sum()), unit="tok", unit_scale=True, desc=desc,
+               disable=not accelerator.is_main_process)  # fmt: skip
+    mine = _compute_chunks(board, dataset, compute_fn, pair_tokens, token_budget, batch_size, should_stop,
+                           lambda: (path / "meta.json").exists(), bar)  # fmt: skip
+    bar.close()
+    # The ranks' only meeting after the work: those that stopped early and those that finished agree here.
+    ranks = gather_object([mine])
+    if any(stopped for stopped, _, _ in ranks):
+        if accelerator.is_main_process:
+            kept = sum(len(board.chunks[c]) for c in board.done())
+            logger.warning("Reference pass stopped for preemption: %d of %d rows are kept in %s; the next run computes "
+                           "the rest.", kept, n_rows, board.folder)  # fmt: skip
+        raise Preempted("reference pass")
+    rows_computed, tokens_computed = sum(r for _, r, _ in ranks), sum(t for _, _, t in ranks)
+    seconds = time.perf_counter() - start
+    meta = {
+        **expected, "info": info, "pair_tokens": int(pair_tokens.sum()), "rows_computed_here": rows_computed,
+        "seconds": round(seconds, 3), "world_size": accelerator.num_processes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+    }  # fmt: skip
+    values = _from_rank_zero(
+        accelerator,
+        lambda: _assemble(
+            board, path, expected, meta, dataset, compute_fn, pair_tokens, token_budget, batch_size
+        ),  # fmt: skip
+    )
+    logger.info(
+        "Reference log-probs: this job computed %d of %d rows (%d tokens) in %.1f s (%.0f tokens/s); saved in %s",
+        rows_computed, n_rows, tokens_computed, seconds, tokens_computed / max(seconds, 1e-9), path,
+    )  # fmt: skip
+    return values
+
+
+def _assemble(board, path, expected, meta, dataset, compute_fn, pair_tokens, token_budget, batch_size) -> np.ndarray:
+    """Rank 0, every chunk finished: the whole cache, from the folder when another job wrote it meanwhile, else from
+    the chunks (whoever computed them), written as the cache; rows of a chunk that was damaged are computed here."""
+    import torch
+
+    n_rows = expected["rows"]
+    cached = _read(path, expected, n_rows)
+    if cached is None:
+        rows, chunk_values = board.read(n_rows)
+        if len(rows) < n_rows and (path / "meta.json").exists():  # cleared by a job that has just finished the cache
+            cached = _read(path, expected, n_rows)
+    if cached is not None:
+        logger.info("Reference log-probs: another job completed this cache meanwhile; its values are used (%s).", path)
+        return cached
+    values = np.full((n_rows, 2), np.nan)
+    values[rows] = chunk_values
+    missing = np.flatnonzero(np.isnan(values[:, 0]))
+    if len(missing):
+        logger.warning("Reference log-probs: %d rows had no valid chunk (a damaged one, set aside, or one claimed "
+                       "by a job whose claim cannot be read): computed here, on rank 0.", len(missing))  # fmt: skip
+        for group in batches(missing, pair_tokens, token_budget, batch_size):
+            values[group] = _forward(compute_fn, dataset, group)
+    _write(path, values, {**meta, "torch": torch.__version__})
+    board.clear()
+    shutil.rmtree(path / "partial", ignore_errors=True)  # shards of an earlier layout
     return values
 
 

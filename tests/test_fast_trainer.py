@@ -249,6 +249,7 @@ def _two_rank_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     _two_rank_worker(Path(sys.argv[1]))
+    torch.distributed.destroy_process_group()  # left up, gloo's threads can abort the interpreter's exit
 
 
 def test_resume_checks_the_micro_batch_plan(tmp_path, caplog):

@@ -360,7 +360,7 @@ def test_usr1_during_the_reference_pass_keeps_its_rows_and_the_requeued_job_trai
     resumed = _train_dpo(demo_assets, tmp_path, output_dir, None, processes=2)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-5000:]
-    assert f"recovered {kept.group(1)} rows from the shards of an earlier run" in log, log[-5000:]
+    assert f"{kept.group(1)} of {kept.group(2)} rows already computed" in log, log[-5000:]
     summary = json.loads((output_dir / "run_summary.json").read_text())
     assert summary["global_step"] == 3 and summary["world_size"] == 2
     assert summary["first_and_last"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)

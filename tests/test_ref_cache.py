@@ -11,13 +11,14 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sfm_dpo import ref_cache
+from sfm_dpo import ref_cache, ref_chunks
 from sfm_dpo.tiny import build_tiny_model
 
 VOCAB = 97
@@ -172,34 +173,59 @@ def stopping_after(n_calls: int, calls: list):
     return lambda: len(calls) >= n_calls
 
 
-def test_a_stopped_pass_keeps_its_rows_and_the_next_one_computes_the_rest(model, accelerator, tmp_path, caplog):
+def chunk_files(folder: Path) -> list[Path]:
+    return sorted((folder / "chunks").glob("[0-9]*.npz"))
+
+
+def test_chunks_cut_the_rows_longest_first_by_tokens(monkeypatch):
+    monkeypatch.setattr(ref_chunks, "CHUNKS", 3)
+    tokens = np.asarray([5000, 10, 20, 7000, 30, 40, 50, 60, 9000])
+    # Longest first: 9000 (row 8), 7000 (3), 5000 (0), then the short rows; a share is 21210 / 3 = 7070 tokens, and a
+    # row belongs to the chunk in which it starts: 9000 starts at 0, 7000 at 9000, 5000 at 16000 (chunk 2 from 14140).
+    chunks = ref_chunks.chunk_rows(tokens)
+    assert [c.tolist() for c in chunks] == [[8], [3], [0, 7, 6, 5, 4, 2, 1]]
+    monkeypatch.setattr(ref_chunks, "CHUNKS", 256)  # a share of 82.9 tokens: 60 starts at 21000 (chunk 253.3), 50
+    # at 21060 (254.2), 40 at 21110 (254.8), 30 at 21150 (255.3), then the last chunk
+    assert [c.tolist() for c in ref_chunks.chunk_rows(tokens)] == [[8], [3], [0], [7], [6, 5], [4, 2, 1]]
+    assert ref_chunks.chunk_rows(np.asarray([], dtype=np.int64)) == []
+    assert [len(g) for g in ref_cache.batches(np.arange(4), np.asarray([3, 3, 9, 1]), 6, None)] == [2, 1, 1]
+
+
+def test_a_stopped_pass_keeps_its_finished_chunks_and_the_next_one_computes_the_rest(
+    model, accelerator, tmp_path, caplog, monkeypatch
+):
+    """Four chunks (3, 2, 4 and 4 rows), batches of two: a stop before the fifth forward keeps the first two chunks
+    and drops the third (one forward done); the next pass computes the other chunks, once each."""
     from sfm_dpo.preemption import Preempted
 
+    monkeypatch.setattr(ref_chunks, "CHUNKS", 4)
     dataset = make_dataset()
+    chunks = ref_chunks.chunk_rows(ref_cache._pair_tokens(dataset))
+    assert [len(c) for c in chunks] == [3, 2, 4, 4]
     calls = []
     with pytest.raises(Preempted, match="reference pass"):
         ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
-                                  batch_size=3, should_stop=stopping_after(2, calls))  # fmt: skip
-    assert calls == [3, 3]  # stopped between batches, after the second
+                                  batch_size=2, should_stop=stopping_after(4, calls))  # fmt: skip
+    assert calls == [2, 1, 2, 2]  # two chunks, then two rows of the third
     folder = only_folder(tmp_path)
-    assert not (folder / "meta.json").exists() and len(list((folder / "partial").glob("*.npz"))) == 1
+    assert not (folder / "meta.json").exists()
+    kept = chunk_files(folder)
+    assert [np.load(f)["rows"].tolist() for f in kept] == [chunks[0].tolist(), chunks[1].tolist()]
 
-    # A damaged shard of another rank (truncated by a crash of its node) is set aside; its rows are recomputed.
-    good = next((folder / "partial").glob("*.npz"))
-    (folder / "partial" / "other-r1-000000.npz").write_bytes(good.read_bytes()[:100])
+    # A damaged chunk (truncated by a crash of its node, written by another job) is set aside; its rows are computed.
+    (folder / "chunks" / "00002.npz").write_bytes(kept[0].read_bytes()[:100])
     calls.clear()
     with caplog.at_level("INFO", logger="sfm_dpo"):
         resumed = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
-                                            batch_size=3)  # fmt: skip
-    assert sum(calls) == N_ROWS - 6
-    assert "recovered 6 rows" in caplog.text and "other-r1-000000.npz" in caplog.text
+                                            batch_size=2)  # fmt: skip
+    assert sum(calls) == N_ROWS - 5
+    assert "5 of 13 rows already computed" in caplog.text and "00002.npz" in caplog.text
     np.testing.assert_allclose(columns(resumed), direct_logps(model, dataset), rtol=1e-5, atol=1e-4)
-    assert (folder / "meta.json").exists() and not list((folder / "partial").glob("*.npz"))
+    assert (folder / "meta.json").exists() and not list((folder / "chunks").iterdir())
 
 
-def test_shards_are_written_while_the_pass_runs(model, accelerator, tmp_path):
-    """Every `shard_seconds` (here: after each batch) a rank's finished rows reach the disk, so a crash (no signal,
-    no `should_stop`) loses at most that much work."""
+def test_chunks_are_on_disk_as_they_finish(model, accelerator, tmp_path):
+    """A crash (no signal, no `should_stop`) loses only the chunk being computed: each finished one is a file."""
     dataset = make_dataset()
     seen = []
 
@@ -210,26 +236,79 @@ def test_shards_are_written_while_the_pass_runs(model, accelerator, tmp_path):
         return ref_cache.completion_logps_padded(model, rows, device="cpu")
 
     with pytest.raises(KeyboardInterrupt):
-        ref_cache.load_or_compute(dataset, crashing, tmp_path, KEY, accelerator, batch_size=2, shard_seconds=0)
-    shards = sorted((only_folder(tmp_path) / "partial").glob("*.npz"))
-    assert sum(len(np.load(s)["rows"]) for s in shards) == 6
+        ref_cache.load_or_compute(dataset, crashing, tmp_path, KEY, accelerator, batch_size=2)
+    assert sum(len(np.load(f)["rows"]) for f in chunk_files(only_folder(tmp_path))) == 3  # chunks of one row here
 
 
-def test_shards_cover_rows_once_and_balance_tokens():
-    tokens = np.asarray([5000, 10, 20, 7000, 30, 40, 50, 60, 9000])
-    shards = [ref_cache.shard_rows(tokens, r, 2) for r in range(2)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(len(tokens)))
-    loads = [tokens[s].sum() for s in shards]
-    # Greedy by hand: 9000 -> r0, 7000 -> r1, 5000 -> r1, then the six short rows -> r0 (9210 vs 12000).
-    assert [sorted(s.tolist()) for s in shards] == [[1, 2, 4, 5, 6, 7, 8], [0, 3]]
-    assert loads == [9210, 12000]
-    assert [len(g) for g in ref_cache.batches(np.arange(4), np.asarray([3, 3, 9, 1]), 6, None)] == [2, 1, 1]
+def test_two_jobs_started_together_share_one_pass(model, accelerator, tmp_path):
+    """Two sweep points on one cache at the same moment: each computes part of the rows (each chunk once, but for
+    the one chunk each may take over from the other at the end), and both train on the same values, the direct
+    ones."""
+    import threading
+
+    dataset = make_dataset(40, seed=2)
+    both = threading.Barrier(2)
+    computed = [[], []]
+
+    def job(k, out):
+        first = [True]
+
+        def compute_fn(rows):
+            if first[0]:  # both jobs hold their first chunk before either goes on
+                first[0] = False
+                both.wait(timeout=60)
+            computed[k].extend(rows)
+            return ref_cache.completion_logps_padded(model, rows, device="cpu")
+
+        out[k] = columns(ref_cache.load_or_compute(dataset, compute_fn, tmp_path, KEY, accelerator, batch_size=4))
+
+    out = [None, None]
+    threads = [threading.Thread(target=job, args=(k, out)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert out[0] is not None and out[1] is not None
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_allclose(out[0], direct_logps(model, dataset), rtol=1e-5, atol=1e-4)
+    longest_chunk = max(len(c) for c in ref_chunks.chunk_rows(ref_cache._pair_tokens(dataset)))
+    assert all(len(c) >= 1 for c in computed) and len(computed[0]) + len(computed[1]) <= 40 + 2 * longest_chunk
+    folder = only_folder(tmp_path)
+    assert (folder / "meta.json").exists() and not list((folder / "chunks").iterdir())
+
+
+def test_the_claims_of_a_dead_job_are_computed_not_waited_for(model, accelerator, tmp_path, monkeypatch):
+    """Jobs that claimed every chunk between them, finished one and died (no heartbeat: their claims stay): the next
+    job computes the other chunks, and only those."""
+    monkeypatch.setattr(ref_chunks, "CHUNKS", 4)
+    dataset = make_dataset()
+    calls = []
+
+    def crashing_after_one_chunk(rows):
+        if calls:
+            raise KeyboardInterrupt  # in the second chunk, claimed
+        return counting_compute_fn(model, calls)(rows)
+
+    with pytest.raises(KeyboardInterrupt):
+        ref_cache.load_or_compute(dataset, crashing_after_one_chunk, tmp_path, KEY, accelerator, batch_size=3)
+    folder = only_folder(tmp_path)
+    board = ref_chunks.ChunkBoard(folder / "chunks", ref_chunks.chunk_rows(ref_cache._pair_tokens(dataset)),
+                                  folder.name, "deadjob", 0)  # fmt: skip
+    while board.next_chunk():  # the dead job claims the rest too
+        pass
+    assert len(list((folder / "chunks").glob("*.claim"))) == 4 and len(chunk_files(folder)) == 1
+    calls.clear()
+    finished = ref_cache.load_or_compute(dataset, counting_compute_fn(model, calls), tmp_path, KEY, accelerator,
+                                         batch_size=3)  # fmt: skip
+    assert sum(calls) == N_ROWS - 3
+    np.testing.assert_allclose(columns(finished), direct_logps(model, dataset), rtol=1e-5, atol=1e-4)
 
 
 def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
-    """torchrun, 2 ranks, gloo, DeepSpeed ZeRO-2 engine (asserted in the worker): 13 rows, uneven shards. First a
-    signal reaches rank 0 only, after its first batch: both ranks raise Preempted, keeping their finished rows; then
-    the requeued pass computes only the rest."""
+    """torchrun, 2 ranks, gloo, DeepSpeed ZeRO-2 engine (asserted in the worker): 13 rows. First a signal reaches
+    rank 0 only, after its first forward: rank 1 stops at its next batch too, and both raise Preempted, keeping their
+    finished chunks; then the requeued pass computes only the rest, the two ranks taking chunks from one board. A cache folder
+    that is another folder on each rank is refused."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
@@ -245,10 +324,11 @@ def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
         result = json.loads((out / f"rank{rank}.json").read_text())
         assert result["world_size"] == 2 and result["engine"] == "DeepSpeedEngine" and result["zero_stage"] == 2
         assert result["preempted"] == "preempted during reference pass"  # on both ranks, whichever saw the signal
+        assert "is not one folder for all ranks" in result["not_shared"]  # refused before any forward, on every rank
     first = [json.loads((out / f"rank{r}.json").read_text())["rows_before_stop"] for r in range(2)]
     second = [json.loads((out / f"rank{r}.json").read_text())["rows_computed"] for r in range(2)]
-    assert first[0] == 2 and first[1] > 2  # rank 0 stopped after one batch, rank 1 finished its shard
-    assert sum(second) == N_ROWS - sum(first) and all(n > 0 for n in second)  # the rest, shared by both ranks
+    assert first == [1, 2]  # chunks of one row: rank 1 stopped at the batch after rank 0 did, not at the pass's end
+    assert sum(second) == N_ROWS - sum(first)  # the rest, each row once
     for rank in range(2):
         result = json.loads((out / f"rank{rank}.json").read_text())
         np.testing.assert_allclose(np.asarray(result["values"]), expected, rtol=1e-5, atol=1e-4)
@@ -285,8 +365,16 @@ def _worker(out: Path, cache: Path) -> None:
 
     calls = []
     # The pass runs on the prepared ZeRO-2 engine's module, as it does in training.
-    compute_fn = counting_compute_fn(acc.unwrap_model(engine).eval(), calls)
-    signal_seen = (lambda: len(calls) >= 1) if acc.process_index == 0 else (lambda: False)
+    counting = counting_compute_fn(acc.unwrap_model(engine).eval(), calls)
+
+    def compute_fn(rows):
+        if acc.process_index == 1 and len(calls) == 1:  # rank 1's second forward ends once rank 0 has stopped
+            deadline = time.monotonic() + 20
+            while not list(cache.glob("*/chunks/*.stop")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return counting(rows)
+
+    signal_seen = lambda: acc.process_index == 0 and len(calls) >= 1  # noqa: E731 - the signal on rank 0 only
     try:
         ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2, should_stop=signal_seen)
         preempted = None
@@ -298,9 +386,18 @@ def _worker(out: Path, cache: Path) -> None:
         shutil.copytree(cache, out / "stopped_cache")
     calls.clear()
     dataset = ref_cache.load_or_compute(make_dataset(), compute_fn, cache, KEY, acc, batch_size=2)
+    rows_computed = sum(calls)
+    try:  # a cache folder that is not the same folder on every rank, as a node-local one on several nodes
+        ref_cache.load_or_compute(
+            make_dataset(), compute_fn, out / f"local{acc.process_index}", KEY, acc, batch_size=2
+        )
+        not_shared = None
+    except RuntimeError as e:
+        not_shared = str(e)
     result = {
         "world_size": acc.num_processes, "engine": type(engine).__name__, "zero_stage": engine.zero_optimization_stage(),
-        "preempted": preempted, "rows_before_stop": rows_before_stop, "rows_computed": sum(calls),
+        "preempted": preempted, "rows_before_stop": rows_before_stop, "rows_computed": rows_computed,
+        "not_shared": not_shared,
         "values": columns(dataset).tolist(),
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -309,3 +406,4 @@ def _worker(out: Path, cache: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    torch.distributed.destroy_process_group()  # left up, gloo's threads can abort the interpreter's exit

@@ -5,6 +5,7 @@ model, loaded at the requested revision. In-process on the CPU, tiny models."""
 
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,7 @@ def test_stock_path_loads_the_reference_at_the_requested_revision(demo_assets, t
 
 
 def test_preempted_reference_pass_raises_and_the_next_run_finishes_it(demo_assets, tokenizer, tmp_path, caplog):
-    """A signal during the pass: the finished batches are kept as shards and `Preempted` is raised; the requeued run
+    """A signal during the pass: the finished chunks are kept and `Preempted` is raised; the requeued run
     computes only the rest, and the values equal those of one uninterrupted pass."""
     from sfm_dpo.preemption import Preempted
 
@@ -194,13 +195,13 @@ def test_preempted_reference_pass_raises_and_the_next_run_finishes_it(demo_asset
     counter = ForwardCounter(model)
     with pytest.raises(Preempted, match="reference pass"):
         fast_path.build_trainer(model, data, *args, tokenizer, [], should_stop=lambda: counter.calls >= 2)
-    assert list((tmp_path / "cache").glob("*/partial/*.npz"))
+    assert list((tmp_path / "cache").glob("*/chunks/*.npz"))
 
     model = load(demo_assets)
     resumed = ForwardCounter(model)
     with caplog.at_level(logging.INFO, logger="sfm_dpo"):
         trainer = fast_path.build_trainer(model, data, *args, tokenizer, [])
-    assert "recovered" in caplog.text
+    assert re.search(r"[1-9]\d* of \d+ rows already computed", caplog.text), caplog.text
 
     args[0].ref_cache_dir = str(tmp_path / "uninterrupted")
     model = load(demo_assets)
@@ -209,4 +210,4 @@ def test_preempted_reference_pass_raises_and_the_next_run_finishes_it(demo_asset
     assert 0 < resumed.calls < whole.calls
     for column in ref_cache.COLUMNS:
         np.testing.assert_allclose(trainer.train_dataset[column], reference[column], rtol=1e-6, atol=1e-5)
-    assert not list((tmp_path / "cache").glob("*/partial/*.npz"))  # the shards are gone once the cache is whole
+    assert not list((tmp_path / "cache").glob("*/chunks/*"))  # the chunks are gone once the cache is whole
