@@ -339,6 +339,9 @@ def probe_backend(
     return None
 
 
+_announced: set[tuple] = set()  # (backend, device, dtype) choices already logged by this process
+
+
 def select_backend(
     requested: str = "auto",
     device: torch.device | str = "cpu",
@@ -359,6 +362,10 @@ def select_backend(
     for backend in order:
         reason = probe_backend(backend, device, dtype, need_backward, head_dim)
         if reason is None:
+            key = (backend, str(device), dtype)
+            if requested == backend and key in _announced:
+                return backend  # chosen before by this process (build_trainer, then the trainer): said once
+            _announced.add(key)
             if backend != order[0]:
                 logger.warning(
                     "Attention backend %r is not usable on %s (%s); falling back to %r.",

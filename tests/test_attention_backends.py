@@ -112,6 +112,14 @@ def test_gradients_flow_only_within_each_sequence():
     assert grad[cu[1] :].sum() == 0
 
 
+def test_the_trainer_repeating_the_choice_logs_it_once(caplog):
+    """build_trainer selects from "auto", then FastDPOTrainer validates the backend it was handed: one notice."""
+    with caplog.at_level(logging.INFO, logger="sfm_dpo.attention"):
+        chosen = select_backend("auto", "cpu", torch.float32)
+        assert select_backend(chosen, "cpu", torch.float32) == chosen
+    assert caplog.text.count("Packed attention backend") == 1 and caplog.text.count("falling back") == 1
+
+
 def test_cpu_selection_falls_back_and_logs_why(caplog):
     """On this CPU machine: no varlen kernel, no flash-attn, and eager flex has no backward, so training gets sdpa;
     a reference (no-grad) pass can use flex. Each skipped backend is logged with its reason."""
