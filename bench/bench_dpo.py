@@ -454,12 +454,23 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--loss-tol", type=float, default=0.02, help="max |stock - fast| probe loss (bf16)")
+    parser.add_argument(
+        "--step0-tol",
+        type=float,
+        default=None,
+        help="max |step-0 loss - ln 2|; default 1e-3 on the CPU (fp32), 1e-2 on a GPU (bf16: the "
+        "reference pass and the first training forward round differently, ~0.004 at 6.86B)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--child", choices=["stock", "fast", "fast_shared"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.pairs = args.pairs or 32 * (args.warmup_steps + args.steps)
+    if args.step0_tol is None:
+        import torch
+
+        args.step0_tol = 1e-2 if torch.cuda.is_available() and not args.cpu else 1e-3
     if args.child:
         child(args)
         return 0
@@ -499,8 +510,9 @@ def main() -> int:
             record[f"speedup_train_only{suffix}"] = results[path]["train_tokens_per_s"] / stock_rate
             record[f"same_first_batch{suffix}"] = check = compare(results["stock"], results[path])
             check["loss_ok"] = bool(check["loss_fixed_ref"]["abs_diff"] <= args.loss_tol
-                                    and abs(check["loss_step0"]["stock"] - LN2) <= 1e-3
-                                    and abs(check["loss_step0"]["fast"] - LN2) <= 1e-3)  # fmt: skip
+                                    and abs(check["loss_step0"]["stock"] - LN2) <= args.step0_tol
+                                    and abs(check["loss_step0"]["fast"] - LN2) <= args.step0_tol)  # fmt: skip
+            check["step0_tol"] = args.step0_tol
             ok = ok and check["loss_ok"]
     if "fast" in results and "fast_shared" in results:
         record["shared_over_unshared"] = (
