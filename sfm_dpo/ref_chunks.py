@@ -215,8 +215,13 @@ class ChunkBoard:
         return np.concatenate(rows), np.concatenate(values)
 
     def clear(self) -> None:
-        """Once the cache is whole: remove the chunks, claims, steals, job and stop files, not the folder, nor the temporary
-        files of jobs still writing (which find the cache at their next chunk and stop)."""
+        """Once the cache is whole: remove the chunks, claims, steals, job and stop files. Not the folder, the chunks
+        set aside as damaged (kept for inspection), nor the temporary files of jobs still writing (which find the
+        cache at their next chunk and stop); a temporary file an hour old was left by a writer that was killed."""
         for entry in os.scandir(self.folder):
-            if not entry.name.endswith(".tmp"):
-                Path(entry.path).unlink(missing_ok=True)
+            try:
+                stale = entry.name.endswith(".tmp") and time.time() - entry.stat().st_mtime > 3600
+                if stale or not (entry.name.endswith(".tmp") or ".damaged-" in entry.name):
+                    Path(entry.path).unlink(missing_ok=True)
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
