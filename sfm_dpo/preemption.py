@@ -15,8 +15,9 @@ Before training (the checks, the data preparation, the model load, the reference
 checkpoint load) there is no step end: `train_dpo.py` installs the handler first thing, and each stage boundary calls
 `PreemptionCallback.check(stage)`, which raises `Preempted(stage)` on every rank if any rank got the signal; the
 reference pass polls `PreemptionCallback.requested` and stops after its current batch (sfm_dpo/ref_cache.py).
-`requeue_on_preemption` turns a `Preempted` into the requeue marker and exit 0. Nothing done is lost: the data and
-the reference shards are cached, and the checkpoint that training resumes from is untouched.
+`requeue_on_preemption` turns a `Preempted` into the requeue marker and exit 0. Next to nothing done is lost: the data
+and the finished chunks of the reference pass are cached (a rank loses the chunk it was computing, ~1/256 of the
+pass), and the checkpoint that training resumes from is untouched.
 
 One signal, one save: a signal that arrives while a checkpoint is being written (a periodic save) is answered by that
 checkpoint, and more signals after the first (the launcher re-sends a pending one) change nothing.
