@@ -255,6 +255,7 @@ trainer = tiny_trainer(
 )
 trainer.train(resume_from_checkpoint=checkpoint)
 (out / f"{mode}-rank{rank}.json").write_text(json.dumps({"checkpoint": checkpoint, "step": trainer.state.global_step}))
+torch.distributed.destroy_process_group()  # left up, gloo's threads can abort the interpreter's exit
 """
 
 

@@ -211,6 +211,7 @@ engine = trainer.model_wrapped
     "stopped_at": trainer.state.global_step,
     "saves": trainer.saves,
 }))
+torch.distributed.destroy_process_group()  # left up, gloo's threads can abort the interpreter's exit
 """
 
 

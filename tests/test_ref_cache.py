@@ -328,7 +328,9 @@ def test_two_process_zero2_equals_one_process(model, accelerator, tmp_path):
         assert "is not one folder for all ranks" in result["not_shared"]  # refused before any forward, on every rank
     first = [json.loads((out / f"rank{r}.json").read_text())["rows_before_stop"] for r in range(2)]
     second = [json.loads((out / f"rank{r}.json").read_text())["rows_computed"] for r in range(2)]
-    assert first == [1, 2]  # chunks of one row: rank 1 stopped at the batch after rank 0 did, not at the pass's end
+    # Chunks of one row. Rank 1 stops at its first batch after rank 0 stopped (its second forward waits for that),
+    # not at the end of the pass.
+    assert first[0] == 1 and first[1] <= 2
     assert sum(second) == N_ROWS - sum(first)  # the rest, each row once
     for rank in range(2):
         result = json.loads((out / f"rank{rank}.json").read_text())
