@@ -34,6 +34,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .durable import fsync_path
 from .preemption import any_rank
 
 logger = logging.getLogger(__name__)
@@ -62,14 +63,6 @@ def is_complete(checkpoint: str | os.PathLike) -> bool:
     return (Path(checkpoint) / MARKER).is_file()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _files(folder: Path) -> list[Path]:
     """Every file of the checkpoint but the marker, sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MARKER, f".{MARKER}.tmp"))
@@ -79,11 +72,11 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     """fsync every file and folder under `folder`, then `folder`'s parent (which holds its name)."""
     folder = Path(folder)
     for path in _files(folder):
-        _fsync(path)
+        fsync_path(path)
     for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        _fsync(path)
-    _fsync(folder)
-    _fsync(folder.parent)
+        fsync_path(path)
+    fsync_path(folder)
+    fsync_path(folder.parent)
 
 
 def _digest(path: Path, size: int, sample_bytes: int | None) -> str:
@@ -133,7 +126,7 @@ def mark_complete(checkpoint: str | os.PathLike, world_size: int | None = None) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MARKER)
-    _fsync(folder)
+    fsync_path(folder)
 
 
 def unmark(checkpoint: str | os.PathLike) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import datasets
 
+from .durable import atomic_write
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -467,10 +469,7 @@ class EvalSplit:
 
     def save(self, output_dir) -> Path:
         path = Path(output_dir) / EVAL_SPLIT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        tmp.replace(path)  # atomic: a reader sees the old record or the whole new one
+        atomic_write(path, (json.dumps(asdict(self), indent=1) + "\n").encode())  # the old record or the new one
         return path
 
     @classmethod

@@ -53,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ref_chunks import ChunkBoard, atomic_write, chunk_rows, npy_bytes, set_aside
+from .durable import atomic_write
+from .ref_chunks import ChunkBoard, chunk_rows, npy_bytes, set_aside
 
 logger = logging.getLogger(__name__)
 

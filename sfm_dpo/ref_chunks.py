@@ -22,16 +22,16 @@ import logging
 import os
 import platform
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .durable import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CHUNKS = 256  # about this many chunks: the tail and the loss on preemption are ~1/CHUNKS of the pass
-_link_fallback_logged = False
 
 
 def chunk_rows(pair_tokens: np.ndarray) -> list[np.ndarray]:
@@ -44,52 +44,6 @@ def chunk_rows(pair_tokens: np.ndarray) -> list[np.ndarray]:
     share = max(tokens.sum() / CHUNKS, 1.0)
     chunk_of = np.minimum((np.cumsum(tokens) - tokens) // share, CHUNKS - 1)  # by where each row starts
     return np.split(order, np.flatnonzero(np.diff(chunk_of)) + 1)
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """A reader sees the whole file or none of it, also after a crash: written beside, fsynced, renamed, and the
-    rename fsynced (the folder). `exclusive`: only if `path` does not exist yet (a hard link instead of a rename),
-    returning False when another writer was first; True when written."""
-    global _link_fallback_logged
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError as e:  # a filesystem without hard links: open(O_EXCL) is exclusive too, but not atomic
-                if not _link_fallback_logged:
-                    logger.warning("No hard links in %s (%s): exclusive files are created with O_EXCL, then filled",
-                                   path.parent, e)  # fmt: skip
-                    _link_fallback_logged = True
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_folder(path.parent)
-    return True
 
 
 def npy_bytes(save, **arrays) -> bytes:

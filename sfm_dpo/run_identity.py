@@ -38,6 +38,7 @@ import time
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
+from .durable import atomic_write
 from .ref_cache import stored_file_digest
 from .run_status import is_model_file
 
@@ -213,9 +214,7 @@ def claim_output_dir(output_dir: str, identity: dict) -> "FolderLock":
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ---- Folder names of sweep points ----

@@ -23,6 +23,8 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+from .durable import fsync_path
+
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "run_status.json"
@@ -59,6 +61,10 @@ class RunStatus:
         return record.get("step") == step and all(record.get(k) == v for k, v in match.items())
 
     def record(self, stage: str, step: int, **details) -> None:
+        """`stage` done at `step`: recorded once the folder's files are on disk (`fsync_outputs`), so that after a
+        node crash the record never outlives what it says is done (truncated weights the next launch would push)."""
+        if self.write:
+            fsync_outputs(self.path.parent)
         self.stages[stage] = {"step": step, **details, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save("running", f"{stage} done")
 
@@ -74,8 +80,26 @@ class RunStatus:
             "job_id": os.environ.get("SLURM_JOB_ID"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
         tmp = self.path.with_name(f".{STATUS_FILE}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        fsync_path(self.path.parent)
+
+
+def fsync_outputs(output_dir: Path) -> None:
+    """fsync every file and folder under `output_dir` but the checkpoints (fsynced when they were marked complete,
+    sfm_dpo/checkpoints.py), then the folder: what a closing stage wrote (the final model, the summary, the report)
+    survives a node crash. Files that vanish meanwhile (another process's temporary files) are skipped."""
+    for root, dirs, files in os.walk(output_dir, topdown=True):
+        dirs[:] = [d for d in dirs if not d.startswith("checkpoint-")]
+        for name in [*files, *dirs]:
+            try:
+                fsync_path(Path(root) / name)
+            except FileNotFoundError:
+                continue
+    fsync_path(output_dir)
 
 
 def is_model_file(name: str) -> bool:

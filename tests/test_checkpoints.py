@@ -387,3 +387,44 @@ def test_a_new_checkpoint_that_does_not_read_back_keeps_the_previous_one(tmp_pat
         tiny_trainer(out, max_steps=6, save_steps=2, save_total_limit=1).train()
     assert not is_complete(out / "checkpoint-4")
     assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+
+
+def test_a_closing_stage_is_recorded_only_once_the_files_are_on_disk(tmp_path, monkeypatch):
+    """run_status.json says "save" done only after every file of the final model (the trainer's save, or the copy
+    from the final checkpoint) and the folder are fsynced: after a node crash (no kill: power, kernel) the record
+    could otherwise outlive truncated weights, and the next launch would push them. The checkpoints, made durable
+    when they were marked complete, are not read again."""
+    from sfm_dpo.run_status import STATUS_FILE, RunStatus, final_model_from_checkpoint
+
+    trainer = tiny_trainer(tmp_path / "run", max_steps=2, save_steps=2)
+    trainer.train()
+    out = tmp_path / "run"
+    trainer.save_model(str(out))
+    trainer.save_state()
+    fsynced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        recorded = path.name.startswith(f".{STATUS_FILE}") and "save" in json.loads(path.read_text())["stages"]
+        fsynced.append((path, recorded))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    RunStatus(out, write=True).record("save", 2)
+    first_record = next(k for k, (_, recorded) in enumerate(fsynced) if recorded)
+    before = {path for path, _ in fsynced[:first_record]}
+    final_files = {p for p in out.iterdir() if p.is_file() and p.name != STATUS_FILE}
+    assert {"model.safetensors", "config.json", "trainer_state.json"} <= {p.name for p in final_files}
+    assert final_files <= before and out in before, sorted(map(str, final_files - before))
+    assert not [path for path, _ in fsynced if "checkpoint-2" in path.parts]
+    assert json.loads((out / STATUS_FILE).read_text())["stages"]["save"]["step"] == 2
+
+    # The copy from the final checkpoint (the save of an earlier launch never happened), then its record.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    fsynced.clear()
+    names = final_model_from_checkpoint(out / "checkpoint-2", copy)
+    RunStatus(copy, write=True).record("save", 2, source="checkpoint-2")
+    first_record = next(k for k, (_, recorded) in enumerate(fsynced) if recorded)
+    assert {copy / name for name in [*names, "trainer_state.json"]} <= {path for path, _ in fsynced[:first_record]}
