@@ -23,7 +23,7 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .durable import fsync_path
+from .durable import atomic_write, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,7 @@ class RunStatus:
             "state": state, "stage": self.stage, "message": message, "stages": self.stages,
             "job_id": os.environ.get("SLURM_JOB_ID"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
-        tmp = self.path.with_name(f".{STATUS_FILE}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_path(self.path.parent)
+        atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def fsync_outputs(output_dir: Path) -> None:

@@ -406,7 +406,7 @@ def test_a_closing_stage_is_recorded_only_once_the_files_are_on_disk(tmp_path, m
 
     def recording_fsync(fd):
         path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        recorded = path.name.startswith(f".{STATUS_FILE}") and "save" in json.loads(path.read_text())["stages"]
+        recorded = path.name.startswith(f"{STATUS_FILE}.") and "save" in json.loads(path.read_text())["stages"]
         fsynced.append((path, recorded))
         real_fsync(fd)
 
