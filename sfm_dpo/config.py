@@ -215,6 +215,12 @@ def check_recipe(script_args: ScriptArguments, training_args, model_args) -> Non
             "--precompute_ref_log_probs needs the fast path (--padding_free true): TRL's own precompute crashes under "
             "DeepSpeed ZeRO-2 (see sfm_dpo/ref_cache.py)."
         )
+    if script_args.dataset_test_split != "test":  # TRL's field; its default names no split we would read
+        raise ValueError(
+            f"--dataset_test_split {script_args.dataset_test_split} is not read: the held-out pairs are drawn from "
+            f"--dataset_train_split ({script_args.dataset_train_split}) by --eval_split_ratio, each pair by a hash of "
+            "its content, the same in every run and resume (sfm_dpo/data.py). Remove --dataset_test_split."
+        )
     if training_args.eval_strategy != "no" and not script_args.eval_split_ratio:
         raise ValueError(
             f"--eval_strategy {training_args.eval_strategy} needs held-out pairs: set --eval_split_ratio (e.g. 0.01)."

@@ -87,6 +87,10 @@ def test_bad_settings_fail_before_any_work():
     script_args, args, model_args = parse("think", "--max_prompt_length", "8192")
     with pytest.raises(ValueError, match="max_prompt_length"):
         check_recipe(script_args, args, model_args)
+    # TRL's field, which nothing here reads: the held-out pairs come from --eval_split_ratio.
+    script_args, args, model_args = parse("think", "--dataset_test_split", "validation")
+    with pytest.raises(ValueError, match="--dataset_test_split validation is not read.*--eval_split_ratio"):
+        check_recipe(script_args, args, model_args)
     with pytest.raises(SystemExit):  # argparse refuses a value outside `choices`
         parse("think", "--overlong_policy", "shrink")
     with pytest.raises(ValueError, match="overlong_policy"):
