@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType
 from trl.trainer.utils import add_fused_lm_head
 
 from . import ref_cache
@@ -101,15 +101,13 @@ def attach_reference_logps(
     cache_dir = default_ref_cache_dir(script_args, training_args)
     precision = f"{model.dtype}{f'+autocast-{autocast_dtype}' if autocast_dtype else ''}"
     # Rank 0 digests the weights (once per file: the digests are stored in the cache) and tells the others.
-    found = [None]
-    if state.is_main_process:
-        digest_dir = cache_dir / ref_cache.DIGEST_FOLDER  # shared with the run identity (train_dpo.py)
-        found[0] = reference_key(model_args, backend, precision, layers_compiled(model), digest_dir)
-    if state.num_processes > 1:
-        broadcast_object_list(found, from_process=0)
+    digest_dir = cache_dir / ref_cache.DIGEST_FOLDER  # shared with the run identity (train_dpo.py)
+    key = ref_cache.from_rank_zero(
+        state, lambda: reference_key(model_args, backend, precision, layers_compiled(model), digest_dir)
+    )
     info = {"model": model_args.model_name_or_path, "revision": model_args.model_revision}
     dataset, folder = ref_cache.load_or_compute_folder(
-        dataset, compute_fn, cache_dir, found[0], state, token_budget=budget, should_stop=should_stop, info=info
+        dataset, compute_fn, cache_dir, key, state, token_budget=budget, should_stop=should_stop, info=info
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the pass's activation blocks, before DeepSpeed allocates its flat buffers

@@ -298,7 +298,7 @@ def load_or_compute_folder(
     path = cache_path(cache_dir, key, fingerprint, n_rows)
     expected = {"format": CACHE_FORMAT, "key": key, "data_fingerprint": fingerprint, "rows": n_rows}
 
-    values = _from_rank_zero(accelerator, lambda: _read(path, expected, n_rows))
+    values = from_rank_zero(accelerator, lambda: _read(path, expected, n_rows))
     if values is not None:
         logger.info("Reference log-probs: cache hit, %d rows from %s", n_rows, path)
     elif not allow_compute:
@@ -315,8 +315,8 @@ def load_or_compute_folder(
     return dataset.add_column(COLUMNS[1], values[:, 1].tolist()), path
 
 
-def _from_rank_zero(accelerator, make):
-    """`make()` on rank 0, its result on every rank."""
+def from_rank_zero(accelerator, make):
+    """`make()` on rank 0, its result on every rank (`accelerator`: an Accelerator or PartialState)."""
     from accelerate.utils import broadcast_object_list
 
     found = [make() if accelerator.is_main_process else None]
@@ -354,10 +354,9 @@ def _compute_chunks(board, dataset, compute_fn, pair_tokens, token_budget, batch
     while not cache_done():
         if stopping():
             return True, rows_computed, tokens_computed
-        taken = board.next_chunk()
-        if taken is None:
+        chunk = board.next_chunk()
+        if chunk is None:
             break
-        chunk, _ = taken
         rows = board.chunks[chunk]
         values = np.empty((len(rows), 2))
         position = 0
@@ -395,7 +394,7 @@ def _compute(dataset, compute_fn, path, expected, accelerator, token_budget, bat
     def open_board() -> str:
         """Rank 0: reads the finished chunks once (a damaged one is set aside now, and computed as any other) and
         draws this job's name."""
-        board = ChunkBoard(path / "chunks", chunks, path.name, "", 0)
+        board = ChunkBoard(path / "chunks", chunks, path.name, uuid.uuid4().hex[:12], 0)
         rows_done = len(board.read(n_rows)[0])
         if (path / "partial").exists():
             logger.warning("%s holds shards of an earlier layout of this pass: not read, their rows are computed "
@@ -405,12 +404,11 @@ def _compute(dataset, compute_fn, path, expected, accelerator, token_budget, bat
             "run); the rest in %d chunks shared by this job's %d ranks and any other job on this cache",
             path, rows_done, n_rows, len(chunks), accelerator.num_processes,
         )  # fmt: skip
-        job = uuid.uuid4().hex[:12]
-        ChunkBoard(path / "chunks", chunks, path.name, job, 0).announce()
-        return job
+        board.announce()
+        return board.job
 
     board = ChunkBoard(
-        path / "chunks", chunks, path.name, _from_rank_zero(accelerator, open_board), accelerator.process_index
+        path / "chunks", chunks, path.name, from_rank_zero(accelerator, open_board), accelerator.process_index
     )
     blind = sorted({host for sees, host in gather_object([(board.sees_announcement(), platform.node())]) if not sees})
     if blind:
@@ -439,7 +437,7 @@ def _compute(dataset, compute_fn, path, expected, accelerator, token_budget, bat
         "seconds": round(seconds, 3), "world_size": accelerator.num_processes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
     }  # fmt: skip
-    values = _from_rank_zero(
+    values = from_rank_zero(
         accelerator,
         lambda: _assemble(
             board, path, expected, meta, dataset, compute_fn, pair_tokens, token_budget, batch_size

@@ -104,19 +104,19 @@ class ChunkBoard:
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
         return atomic_write(path, (json.dumps(record) + "\n").encode(), exclusive=True)
 
-    def next_chunk(self) -> tuple[int, bool] | None:
-        """The next chunk for this rank, `(chunk, stolen)`: the first unclaimed one, claimed now; else the first one
-        another job claimed and has not finished, that no other rank of this job is computing; else None (every
-        chunk is done, or being done by this job)."""
+    def next_chunk(self) -> int | None:
+        """The next chunk for this rank: the first unclaimed one, claimed now; else the first one another job claimed
+        and has not finished, that no other rank of this job is computing; else None (every chunk is done, or being
+        done by this job)."""
         done, claimed = self._listing()
         for chunk in range(len(self.chunks)):
             if chunk not in done and chunk not in claimed and self._take(self._name(chunk, ".claim")):
-                return chunk, False
+                return chunk
         done, claimed = self._listing()
         for chunk in sorted(claimed - done):
             claimant = self._claimant(chunk)
             if claimant is not None and claimant != self.job and self._take(self._name(chunk, f".{self.job}.steal")):
-                return chunk, True
+                return chunk
         return None
 
     def write(self, chunk: int, values: np.ndarray) -> bool:

@@ -295,7 +295,7 @@ def test_the_claims_of_a_dead_job_are_computed_not_waited_for(model, accelerator
     folder = only_folder(tmp_path)
     board = ref_chunks.ChunkBoard(folder / "chunks", ref_chunks.chunk_rows(ref_cache._pair_tokens(dataset)),
                                   folder.name, "deadjob", 0)  # fmt: skip
-    while board.next_chunk():  # the dead job claims the rest too
+    while board.next_chunk() is not None:  # the dead job claims the rest too
         pass
     assert len(list((folder / "chunks").glob("*.claim"))) == 4 and len(chunk_files(folder)) == 1
     calls.clear()
