@@ -34,6 +34,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from . import durable
 from .durable import fsync_path
 from .preemption import any_rank
 
@@ -70,13 +71,8 @@ def _files(folder: Path) -> list[Path]:
 
 def fsync_tree(folder: str | os.PathLike) -> None:
     """fsync every file and folder under `folder`, then `folder`'s parent (which holds its name)."""
-    folder = Path(folder)
-    for path in _files(folder):
-        fsync_path(path)
-    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        fsync_path(path)
-    fsync_path(folder)
-    fsync_path(folder.parent)
+    durable.fsync_tree(Path(folder))
+    fsync_path(Path(folder).parent)
 
 
 def _digest(path: Path, size: int, sample_bytes: int | None) -> str:

@@ -23,6 +23,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path, prune: str | None = None, missing_ok: bool = False) -> None:
+    """fsync every file and folder under `folder`, then `folder` itself: the files' data and the folders' entries.
+    Subfolders whose names start with `prune` are not entered; `missing_ok` skips a file that vanishes meanwhile
+    (another process's temporary file)."""
+    for root, dirs, files in os.walk(folder):
+        if prune:
+            dirs[:] = [d for d in dirs if not d.startswith(prune)]
+        for name in [*files, *dirs]:
+            try:
+                fsync_path(Path(root) / name)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+    fsync_path(Path(folder))
+
+
 def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     """A reader sees the whole file or none of it, also after a crash: written beside, fsynced, renamed, and the
     rename fsynced (the folder). `exclusive`: only if `path` does not exist yet (a hard link instead of a rename),

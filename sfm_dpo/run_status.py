@@ -23,7 +23,7 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .durable import atomic_write, fsync_path
+from .durable import atomic_write, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class RunStatus:
         return record.get("step") == step and all(record.get(k) == v for k, v in match.items())
 
     def record(self, stage: str, step: int, **details) -> None:
-        """`stage` done at `step`: recorded once the folder's files are on disk (`fsync_outputs`), so that after a
-        node crash the record never outlives what it says is done (truncated weights the next launch would push)."""
+        """`stage` done at `step`: recorded once the folder's files are on disk, so that after a node crash the record
+        never outlives what it says is done (truncated weights the next launch would push). Not the checkpoints: they
+        were fsynced when marked complete (sfm_dpo/checkpoints.py)."""
         if self.write:
-            fsync_outputs(self.path.parent)
+            fsync_tree(self.path.parent, prune="checkpoint-", missing_ok=True)
         self.stages[stage] = {"step": step, **details, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save("running", f"{stage} done")
 
@@ -80,20 +81,6 @@ class RunStatus:
             "job_id": os.environ.get("SLURM_JOB_ID"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
         atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def fsync_outputs(output_dir: Path) -> None:
-    """fsync every file and folder under `output_dir` but the checkpoints (fsynced when they were marked complete,
-    sfm_dpo/checkpoints.py), then the folder: what a closing stage wrote (the final model, the summary, the report)
-    survives a node crash. Files that vanish meanwhile (another process's temporary files) are skipped."""
-    for root, dirs, files in os.walk(output_dir, topdown=True):
-        dirs[:] = [d for d in dirs if not d.startswith("checkpoint-")]
-        for name in [*files, *dirs]:
-            try:
-                fsync_path(Path(root) / name)
-            except FileNotFoundError:
-                continue
-    fsync_path(output_dir)
 
 
 def is_model_file(name: str) -> bool:
