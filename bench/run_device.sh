@@ -32,15 +32,11 @@ fi
 bench() {  # bench GROUP INDEX [GPU]
   local arch=${1%%:*} extra="" log="$OUT/log_$2_${1%%:*}.txt"
   [ "$1" != "$arch" ] && extra=${1#*:}
-  # shellcheck disable=SC2086
   # One GPU per group when given (PARALLEL=1); otherwise the machine's own GPUs (an empty CUDA_VISIBLE_DEVICES
   # would hide them all).
-  if [ -n "${3:-}" ]; then
-    CUDA_VISIBLE_DEVICES=$3 timeout "${BENCH_TIMEOUT:-480}" \
-      python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
-  else
-    timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
-  fi
+  # shellcheck disable=SC2086
+  env ${3:+CUDA_VISIBLE_DEVICES=$3} timeout "${BENCH_TIMEOUT:-480}" \
+    python3 bench/bench_dpo.py --arch "$arch" $extra --out "$OUT/results" >"$log" 2>&1
 }
 status=0 i=0 pids=()
 for group in "$@"; do

@@ -20,7 +20,6 @@ SHAPES = {  # (median, p95) tokens of the prompt, chosen and rejected completion
     "think": {"prompt": (60, 400), "chosen": (1864, 11903), "rejected": (1154, 9518)},
     "instruct": {"prompt": (100, 900), "chosen": (330, 1300), "rejected": (300, 1200)},
 }
-LENGTH_STATS = SHAPES["think"]
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, p95: float, minimum: int = 1) -> np.ndarray:
