@@ -463,7 +463,7 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--tag", default="")
-    parser.add_argument("--child", choices=["stock", "fast", "fast_shared"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["stock", *FAST_PATHS], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.pairs = args.pairs or 32 * (args.warmup_steps + args.steps)
